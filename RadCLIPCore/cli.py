@@ -1,0 +1,201 @@
+"""Command line: `python -m RadCLIPCore {rank,embed} ...`.
+
+Every user error is one line on stderr (`error: ...`) and exit status 2; warnings are one line
+(`warning: ...`). Set RADCLIP_DEBUG=1 to see tracebacks of unexpected errors.
+"""
+from __future__ import annotations
+
+import argparse
+import io as _io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RadCLIPError
+from .fileutil import atomic_path, atomic_write_text
+from .io import IMAGE_SUFFIXES, _looks_like_dicom, check_readable, read_volume
+from .preprocessing import PLANES
+
+EXIT_USER_ERROR = 2
+
+
+def _model_options(p):
+    p.add_argument("--model", default=None, metavar="SRC",
+                   help="model folder, .pth file, Hugging Face id or preset (clip, radclip); "
+                        "default openai/clip-vit-large-patch14")
+    p.add_argument("--config", default=None, metavar="CFG",
+                   help="CLIP architecture for a .pth state_dict: config.json path or bundled name "
+                        "(default clip-vit-large-patch14)")
+    p.add_argument("--offline", action="store_true", help="never download; use the Hugging Face cache only")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--pooling", default=None, choices=["mean", "adapter"],
+                   help="slice pooling (default: the model's adapter if it has one, else mean)")
+    p.add_argument("--plane", default=None, choices=("auto",) + PLANES,
+                   help="slice plane (default: the model's policy, usually auto = acquisition plane)")
+    p.add_argument("--max-slices", type=int, default=None, metavar="N",
+                   help="embed at most N evenly spaced slices (faster on CPU)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="slices per encoder batch")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m RadCLIPCore",
+                                     description="Radiology vision-language models (RadCLIP) on the command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rank = sub.add_parser("rank", help="rank text prompts for a volume or 2D image",
+                          description="Rank text prompts for a volume (NRRD, NIfTI, MHA, DICOM folder) or a 2D image "
+                                      "(PNG, JPEG, single DICOM file).")
+    rank.add_argument("image", metavar="VOLUME", help="volume file, DICOM folder or 2D image")
+    rank.add_argument("--prompt", action="append", default=[], metavar="P", help="a prompt (repeatable)")
+    rank.add_argument("--prompts-file", metavar="F", help="UTF-8 text file, one prompt per line (# comments)")
+    _model_options(rank)
+    rank.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rank.add_argument("--plot", metavar="PNG", help="write a PNG of weight per slice with the most attended slices")
+    rank.set_defaults(func=_cmd_rank)
+
+    embed = sub.add_parser("embed", help="write the embedding (and slice weights) to a file",
+                           description="Embed a volume or 2D image and write the result to .npz or .json.")
+    embed.add_argument("image", metavar="VOLUME", help="volume file, DICOM folder or 2D image")
+    embed.add_argument("-o", "--output", required=True, metavar="OUT", help="output file: .npz or .json")
+    _model_options(embed)
+    embed.set_defaults(func=_cmd_embed)
+    return parser
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except FileNotFoundError:
+            raise RadCLIPError(f"prompts file not found: {path}") from None
+        except UnicodeDecodeError as exc:
+            raise RadCLIPError(f"prompts file '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise RadCLIPError("no prompts given: use --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def _is_2d_file(path: Path) -> bool:
+    return path.is_file() and (path.name.lower().endswith(IMAGE_SUFFIXES + (".dcm", ".dicom"))
+                               or _looks_like_dicom(path))
+
+
+def _load(args):
+    from .loading import DEFAULT_MODEL, load_model
+
+    return load_model(args.model or DEFAULT_MODEL, device=args.device, precision=args.precision,
+                      offline=True if args.offline else None, config=args.config, pooling=args.pooling,
+                      batch_size=args.batch_size)
+
+
+def _embed(args):
+    """Read the input, load the model, embed. Returns (model, volume, VolumeEmbedding or None, vector)."""
+    path = check_readable(args.image)
+    volume = read_volume(path)  # read before loading the model: bad files fail fast
+    model = _load(args)
+    if _is_2d_file(path) and volume.array.shape[0] == 1:
+        return model, volume, None, model.embed_image(volume)
+    emb = model.embed_volume(volume, plane=args.plane, max_slices=args.max_slices, progress=True)
+    return model, volume, emb, emb.embedding
+
+
+def _cmd_rank(args) -> int:
+    prompts = _read_prompts(args)
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise RadCLIPError(f"--plot needs a .png file name, got '{args.plot}'")
+    model, volume, emb, vec = _embed(args)
+    ranked = model.rank(vec, prompts)
+    if args.plot:
+        if emb is None:
+            raise RadCLIPError("--plot shows slice weights; the input is a 2D image")
+        from .plotting import plot_attention
+
+        plot_attention(emb, volume, args.plot, title=f"{Path(args.image).name}: slice attention ({emb.pooling})")
+    if args.json:
+        out = {"prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine} for r in ranked],
+               "slice_weights": emb.slice_weights.tolist() if emb else None,
+               "slice_axis": emb.slice_axis if emb else None,
+               "plane": emb.plane if emb else None,
+               "most_attended_slice": emb.most_attended_slice if emb else None,
+               "pooling": emb.pooling if emb else None,
+               "model": model.source}
+        print(json.dumps(out))
+        return 0
+    where = (f"{emb.plane} plane, {len(emb.slice_weights)} slices along input axis {emb.slice_axis} "
+             f"({len(emb.sampled_slices)} embedded), {emb.pooling} pooling, most attended slice {emb.most_attended_slice}"
+             if emb else "2D image")
+    print(f"{Path(args.image).name}: {where}; model {model.source}")
+    width = max(len("prompt"), *(len(r.prompt) for r in ranked))
+    print(f"{'rank':>4}  {'probability':>11}  {'cosine':>7}  prompt")
+    for i, r in enumerate(ranked, 1):
+        print(f"{i:>4}  {r.probability:>11.4f}  {r.cosine:>7.4f}  {r.prompt:<{width}}".rstrip())
+    if args.plot:
+        print(f"attention plot: {args.plot}")
+    return 0
+
+
+def _cmd_embed(args) -> int:
+    out = Path(args.output)
+    suffix = out.suffix.lower()
+    if suffix not in (".npz", ".json"):
+        raise RadCLIPError(f"output must end in .npz or .json, got '{out.name}'")
+    model, _, emb, vec = _embed(args)
+    record = {"embedding": vec, "model": model.source}
+    if emb is not None:
+        record.update(slice_weights=emb.slice_weights, slice_axis=emb.slice_axis, plane=emb.plane,
+                      sampled_slices=emb.sampled_slices, slice_embeddings=emb.slice_embeddings, pooling=emb.pooling)
+    if suffix == ".json":
+        atomic_write_text(out, json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v
+                                           for k, v in record.items()}) + "\n")
+    else:
+        buf = _io.BytesIO()
+        np.savez(buf, **{k: np.asarray(v) for k, v in record.items()})
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(buf.getvalue())
+    print(f"wrote {out}")
+    return 0
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record):
+        return f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}"
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    logger = logging.getLogger("RadCLIPCore")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if os.environ.get("RADCLIP_VERBOSE") else logging.WARNING)
+    logger.propagate = False
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        return args.func(args)
+    except RadCLIPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an unforeseen input: one line, traceback on request
+        if os.environ.get("RADCLIP_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        print(f"error: unexpected {type(exc).__name__}: {first} (set RADCLIP_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+    finally:
+        logger.removeHandler(handler)

@@ -1,0 +1,49 @@
+"""Atomic writes: a crash or a kill mid-write never leaves a half-written file or folder behind."""
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(target, suffix=""):
+    """Yield a temporary path beside `target`; on success it is renamed onto `target`.
+
+    Works for a file or a folder written at the yielded path. The rename is atomic on POSIX for
+    files; for an existing folder the old one is moved aside first and removed only after the new
+    one is in place, so a reader always finds a complete folder (the old or the new one).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    work = tmp / ("payload" + suffix)
+    try:
+        yield work
+        if work.is_dir():
+            _swap_dir(work, target)
+        else:
+            with open(work, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(work, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_dir(new, target):
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_bytes(target, data: bytes):
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(target, text: str):
+    atomic_write_bytes(target, text.encode("utf-8"))

@@ -1,0 +1,257 @@
+"""Inference: embed volumes, images and texts, and rank prompts.
+
+`RadCLIPModel` holds a transformers `CLIPModel`, its tokenizer, an optional trained
+`SlicePoolingAdapter` (else global average pooling), the preprocessing settings and the
+temperature. Embed once, query many times: volume embeddings are cached by content + settings,
+text embeddings per text, so ranking new prompts on an embedded volume runs only the text tower.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .adapter import SlicePoolingAdapter, mean_pool
+from .encoders import image_features, resolve_device, resolve_precision, text_features
+from .errors import RadCLIPError
+from .io import Volume, as_volume
+from .preprocessing import PLANES, PreprocessConfig, prepare_image, prepare_volume
+
+log = logging.getLogger("RadCLIPCore")
+
+VOLUME_CACHE_SIZE = 8
+TEXT_CACHE_SIZE = 4096
+
+
+@dataclass
+class VolumeEmbedding:
+    """The result of `embed_volume`.
+
+    `slice_weights[n]` belongs to slice n of the *input* array along `slice_axis` (numpy axis of the
+    array as read by SimpleITK / Slicer's `arrayFromVolume`), whatever reorientation happened inside.
+    """
+
+    embedding: np.ndarray  # (dim,) float32, unit norm
+    slice_weights: np.ndarray  # (n_slices,) float32, sums to 1, input order
+    slice_axis: int
+    plane: str
+    sampled_slices: np.ndarray  # input slice indices that went through the image encoder
+    slice_embeddings: np.ndarray = field(repr=False)  # (len(sampled_slices), dim), unit norm, input order
+    pooling: str = "mean"
+
+    @property
+    def most_attended_slice(self) -> int:
+        return int(np.argmax(self.slice_weights))
+
+
+class RankedPrompt(NamedTuple):
+    prompt: str
+    probability: float
+    cosine: float
+
+
+class RadCLIPModel:
+    def __init__(self, clip, tokenizer, adapter: SlicePoolingAdapter | None = None,
+                 preprocess: PreprocessConfig | None = None, temperature: float | None = None,
+                 plane: str = "auto", device="auto", precision="auto", batch_size: int | None = None,
+                 source: str | None = None, card: str | None = None):
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.clip = clip.to(self.device, self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.adapter = adapter.to(self.device, torch.float32).eval() if adapter is not None else None
+        self.preprocess = preprocess or PreprocessConfig(image_size=clip.config.vision_config.image_size)
+        if temperature is None:
+            temperature = float(1.0 / clip.logit_scale.detach().float().exp())
+        if not temperature > 0:
+            raise RadCLIPError(f"temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+        if plane != "auto" and plane not in PLANES:
+            raise RadCLIPError(f"unknown plane policy '{plane}'")
+        self.plane = plane
+        self.batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
+        self.source = source
+        self.card = card
+        self._volumes: OrderedDict = OrderedDict()
+        self._texts: OrderedDict = OrderedDict()
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def pooling(self) -> str:
+        return "adapter" if self.adapter is not None else "mean"
+
+    @property
+    def dim(self) -> int:
+        return int(self.clip.config.projection_dim)
+
+    def clear_cache(self):
+        self._volumes.clear()
+        self._texts.clear()
+
+    # ----------------------------------------------------------------- encoders
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) preprocessed slices -> (N, dim) float32 unit-norm embeddings."""
+        feats = image_features(self.clip, pixels.to(self.device, self.dtype))
+        return F.normalize(feats.float(), dim=-1)
+
+    @torch.inference_mode()
+    def pool(self, slices: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """(B, S, dim) slice embeddings -> (embedding (B, dim), weights (B, S))."""
+        slices = slices.to(self.device, torch.float32)
+        if self.adapter is None:
+            return mean_pool(slices, padding_mask)
+        return self.adapter(slices, padding_mask)
+
+    # ----------------------------------------------------------------- volumes
+    def embed_volume(self, source, spacing=None, direction=None, plane=None, max_slices=None,
+                     batch_size=None, progress=False) -> VolumeEmbedding:
+        """Embed a volume: a path (file or DICOM folder), a `Volume`, or a `(k, j, i)` array with
+        `spacing` (i, j, k) in mm and an LPS `direction`. `plane=None` uses the model's plane policy.
+        """
+        plane = plane or self.plane
+        settings = (plane, None if max_slices is None else int(max_slices))
+        path_key = _path_key(source, settings)
+        if path_key is not None and path_key in self._volumes:
+            return self._cache_hit(path_key)
+        volume = as_volume(source, spacing, direction)
+        content_key = (_content_hash(volume),) + settings
+        if content_key in self._volumes:
+            result = self._cache_hit(content_key)
+        else:
+            result = self._embed_volume(volume, plane, max_slices, batch_size, progress)
+            self._remember(self._volumes, content_key, result, VOLUME_CACHE_SIZE)
+        if path_key is not None:
+            self._remember(self._volumes, path_key, result, VOLUME_CACHE_SIZE)
+        return result
+
+    def _cache_hit(self, key):
+        self._volumes.move_to_end(key)
+        return self._volumes[key]
+
+    def _embed_volume(self, volume: Volume, plane, max_slices, batch_size, progress) -> VolumeEmbedding:
+        prepared = prepare_volume(volume, plane, max_slices, self.preprocess)
+        batch_size = int(batch_size or self.batch_size)
+        batches = prepared.pixel_batches(batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=-(-len(prepared.sampled) // batch_size), desc="embedding slices",
+                           unit="batch", leave=False, disable=None)
+        slices = torch.cat([self.encode_pixels(pixels) for pixels in batches])
+        embedding, weights = self.pool(slices.unsqueeze(0))
+        order = slice(None, None, -1) if prepared.canonical.flipped[prepared.axis] else slice(None)
+        sampled_input = np.array([prepared.input_index(int(c)) for c in prepared.sampled])
+        return VolumeEmbedding(
+            embedding=embedding[0].float().cpu().numpy(),
+            slice_weights=prepared.to_input_order(weights[0].float().cpu().numpy()),
+            slice_axis=prepared.slice_axis,
+            plane=prepared.plane,
+            sampled_slices=sampled_input[order],
+            slice_embeddings=slices.cpu().numpy()[order],
+            pooling=self.pooling,
+        )
+
+    # ----------------------------------------------------------------- images
+    def embed_image(self, source, spacing=None) -> np.ndarray:
+        """A 2D image (path, `Volume` one slice thick, or `(rows, cols)` array) -> (dim,) unit norm."""
+        volume = as_volume(source, spacing)
+        return self.encode_pixels(prepare_image(volume, self.preprocess))[0].cpu().numpy()
+
+    # ----------------------------------------------------------------- texts
+    def embed_texts(self, texts) -> np.ndarray:
+        """(k, dim) float32 unit-norm text embeddings; each distinct text is encoded once."""
+        texts = _check_prompts(texts)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._texts))
+        if missing:
+            feats = self._encode_texts(missing)
+            for text, vec in zip(missing, feats):
+                self._remember(self._texts, text, vec, TEXT_CACHE_SIZE)
+        return np.stack([self._texts[t] for t in texts])
+
+    @torch.inference_mode()
+    def _encode_texts(self, texts) -> np.ndarray:
+        limit = min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings)
+        for text, n in zip(texts, (len(ids) for ids in self.tokenizer(texts)["input_ids"])):
+            if n > limit:
+                log.warning("prompt truncated to the tokenizer's %d-token limit (it has %d): '%s'",
+                            limit, n, _shorten(text))
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        feats = text_features(self.clip, tokens["input_ids"].to(self.device),
+                              tokens["attention_mask"].to(self.device))
+        return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    # ----------------------------------------------------------------- ranking
+    def rank(self, embedding, prompts) -> list[RankedPrompt]:
+        """Rank prompts for a `VolumeEmbedding` or an image embedding (dim,), best first.
+
+        Probabilities are the softmax over the prompts of cosine / temperature.
+        """
+        prompts = _check_prompts(prompts)
+        vec = embedding.embedding if isinstance(embedding, VolumeEmbedding) else np.asarray(embedding)
+        if vec.shape != (self.dim,):
+            raise RadCLIPError(f"expected an embedding of shape ({self.dim},), got {vec.shape}")
+        cosines = self.embed_texts(prompts) @ vec.astype(np.float32)
+        probs = torch.softmax(torch.from_numpy(cosines.astype(np.float64)) / self.temperature, dim=0).numpy()
+        order = np.argsort(-cosines, kind="stable")
+        return [RankedPrompt(prompts[i], float(probs[i]), float(cosines[i])) for i in order]
+
+    @staticmethod
+    def _remember(cache: OrderedDict, key, value, limit):
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > limit:
+            cache.popitem(last=False)
+
+
+def _shorten(text, n=60):
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise RadCLIPError("no prompts given: pass at least one text")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise RadCLIPError(f"prompt {i + 1} is not text: {p!r}")
+        if not p.strip():
+            raise RadCLIPError(f"prompt {i + 1} is empty or whitespace")
+    return prompts
+
+
+def _path_key(source, settings):
+    """A cheap key for a file or DICOM folder (path, sizes, mtimes) so a repeat skips reading."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(os.path.expanduser(str(source)))
+    try:
+        if path.is_dir():
+            stamp = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                                 for e in os.scandir(path) if e.is_file()))
+        else:
+            st = path.stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        return None
+    return ("path", str(path.resolve()), stamp) + settings
+
+
+def _content_hash(volume: Volume) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    arr = np.ascontiguousarray(volume.array)
+    h.update(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(np.asarray(volume.spacing, dtype=np.float64).tobytes())
+    h.update(np.asarray(volume.direction, dtype=np.float64).tobytes())
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()

@@ -1,0 +1,55 @@
+"""PNG figures (matplotlib, imported only when a figure is asked for)."""
+from __future__ import annotations
+
+import io as _io
+
+import numpy as np
+
+from .errors import RadCLIPError
+from .fileutil import atomic_write_bytes
+from .io import Volume
+from .model import VolumeEmbedding
+from .preprocessing import prepare_volume
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RadCLIPError("plots need matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def plot_attention(emb: VolumeEmbedding, volume: Volume, path, top: int = 3, title: str | None = None):
+    """Weight per slice (input slice numbers) with thumbnails of the `top` most attended slices."""
+    plt = _pyplot()
+    prepared = prepare_volume(volume, emb.plane)
+    n = len(emb.slice_weights)
+    best = [int(i) for i in np.argsort(-emb.slice_weights, kind="stable")[:top]]
+    fig = plt.figure(figsize=(3 * max(top, 3), 5.5), dpi=100)
+    grid = fig.add_gridspec(2, max(top, 1), height_ratios=[1.1, 1])
+    ax = fig.add_subplot(grid[0, :])
+    ax.plot(np.arange(n), emb.slice_weights, color="tab:red", lw=1.5)
+    ax.fill_between(np.arange(n), emb.slice_weights, color="tab:red", alpha=0.2)
+    ax.scatter(best, emb.slice_weights[best], color="black", zorder=3, s=14)
+    ax.set_xlim(0, max(n - 1, 1))
+    ax.set_xlabel(f"{emb.plane} slice (input array axis {emb.slice_axis})")
+    ax.set_ylabel("slice weight")
+    ax.set_title(title or f"slice attention ({emb.pooling} pooling)")
+    for col, i in enumerate(best):
+        sub = fig.add_subplot(grid[1, col])
+        canonical = prepared.n_slices - 1 - i if prepared.canonical.flipped[prepared.axis] else i
+        img = prepared.slices([canonical])[0].astype(np.float32)
+        lo, hi = np.percentile(img, [1, 99])
+        sub.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
+                   aspect=prepared.pixel_spacing[0] / prepared.pixel_spacing[1])
+        sub.set_title(f"slice {i}: {emb.slice_weights[i]:.3f}", fontsize=9)
+        sub.axis("off")
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,227 @@
+"""The one preprocessing path, shared by training and inference.
+
+Steps, in order:
+1. **Canonical frame.** Every volume is viewed in the LPS+ index frame: its numpy array is arranged
+   as `(S, P, L)` — axis 0 runs inferior->superior, axis 1 anterior->posterior, axis 2
+   right->left — whatever its direction matrix. SimpleITK names the nearest axis-aligned
+   orientation of the direction cosines (`DICOMOrientImageFilter`); the array is then a
+   transposed/flipped *view* of the input (no copy, no resampling). Oblique acquisitions are taken
+   at their nearest axis permutation.
+2. **Plane.** axial = canonical axis 0, coronal = 1, sagittal = 2. `"auto"` picks the
+   acquisition plane: the axis with the coarsest spacing (ties -> axial, then coronal).
+3. **Slices in display convention** (as a radiologist sees them, and as 2D training images are
+   stored): axial rows anterior->posterior, columns patient right->left (radiological view);
+   coronal and sagittal with superior at the top.
+4. **Intensities.** z-score over the whole volume (the paper's choice), robust to constant
+   volumes (all zeros, no division by zero); NaN/Inf is an error. z is clipped to
+   `±zscore_clip` and mapped linearly to [0, 1].
+5. **Geometry.** Each slice is resized (batched bilinear, antialiased) to fit
+   `image_size x image_size` with its *physical* aspect ratio (pixel spacing) kept, and padded
+   with black; then repeated to 3 channels with the CLIP mean/std.
+2D images take steps 4-5 only (rows and columns as stored).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .errors import RadCLIPError
+from .io import Volume
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PLANES = ("axial", "coronal", "sagittal")
+_STATS_CHUNK = 16  # slices per chunk when streaming statistics over big volumes
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_size: int = 224
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
+    zscore_clip: float = 3.0
+
+    def to_dict(self):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data):
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise RadCLIPError(f"unknown preprocessing settings {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass
+class Canonical:
+    """A volume viewed in the canonical `(S, P, L)` frame."""
+
+    array: np.ndarray  # view of the input array, (S, P, L)
+    spacing: tuple  # mm per canonical numpy axis (S, P, L)
+    source_axis: tuple  # for each canonical numpy axis, the input numpy axis it comes from
+    flipped: tuple  # for each canonical numpy axis, whether it runs opposite to that input axis
+
+
+# which canonical index axis (0=L, 1=P, 2=S) a letter of SimpleITK's orientation code names,
+# and whether the input axis runs the opposite way
+_LETTER = {"L": (0, False), "R": (0, True), "P": (1, False), "A": (1, True), "S": (2, False), "I": (2, True)}
+
+
+def canonicalize(volume: Volume) -> Canonical:
+    code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+        [float(v) for v in np.asarray(volume.direction).ravel()])
+    target = [_LETTER[c] for c in code]  # per input index axis i, j, k
+    source_axis, flipped, spacing = [], [], []
+    for canon_index_axis in (2, 1, 0):  # canonical numpy order S, P, L
+        n = next(n for n, (t, _) in enumerate(target) if t == canon_index_axis)
+        source_axis.append(2 - n)  # index axis n is numpy axis 2 - n
+        flipped.append(target[n][1])
+        spacing.append(float(volume.spacing[n]))
+    array = volume.array.transpose(source_axis)
+    array = array[tuple(slice(None, None, -1) if f else slice(None) for f in flipped)]
+    return Canonical(array, tuple(spacing), tuple(source_axis), tuple(flipped))
+
+
+def choose_plane(spacing, plane="auto") -> str:
+    """`spacing`: canonical (S, P, L) spacing in mm."""
+    if plane in PLANES:
+        return plane
+    if plane != "auto":
+        raise RadCLIPError(f"unknown plane '{plane}': choose auto, axial, coronal or sagittal")
+    coarsest = max(spacing)
+    for axis, name in enumerate(PLANES):
+        if spacing[axis] >= coarsest * (1 - 1e-3):
+            return name
+
+
+def intensity_stats(array: np.ndarray):
+    """(mean, std) over the whole volume in float64, streamed in chunks (no full-size copy)."""
+    total = total_sq = 0.0
+    count = array.size
+    for start in range(0, array.shape[0], _STATS_CHUNK):
+        chunk = array[start:start + _STATS_CHUNK]
+        if np.issubdtype(chunk.dtype, np.floating) and not np.all(np.isfinite(chunk)):
+            raise RadCLIPError("the image contains NaN or infinite values; fix or mask them first")
+        chunk = chunk.astype(np.float64)
+        total += chunk.sum()
+    mean = total / count
+    for start in range(0, array.shape[0], _STATS_CHUNK):
+        chunk = array[start:start + _STATS_CHUNK].astype(np.float64) - mean
+        total_sq += np.square(chunk).sum()
+    return float(mean), float(np.sqrt(total_sq / count))
+
+
+def slices_to_pixels(slices: np.ndarray, stats, pixel_spacing, config: PreprocessConfig) -> torch.Tensor:
+    """`(N, rows, cols)` slices -> `(N, 3, size, size)` float32 CLIP input; batched torch ops."""
+    mean, std = stats
+    x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
+    c = float(config.zscore_clip)
+    z = (x - mean) / std if std > 0 else torch.zeros_like(x)
+    x = ((z.clamp_(-c, c) + c) / (2 * c)).unsqueeze(1)
+    size = int(config.image_size)
+    rows, cols = x.shape[-2:]
+    h_mm, w_mm = rows * pixel_spacing[0], cols * pixel_spacing[1]
+    scale = size / max(h_mm, w_mm)
+    out_h, out_w = max(1, min(size, round(h_mm * scale))), max(1, min(size, round(w_mm * scale)))
+    if (out_h, out_w) != (rows, cols):
+        x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (size - out_h) // 2, (size - out_w) // 2
+    x = F.pad(x, (left, size - out_w - left, top, size - out_h - top), value=0.0)
+    mean_c = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_c = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - mean_c) / std_c
+
+
+@dataclass
+class PreparedVolume:
+    """A volume ready to be embedded slice batch by slice batch; maps results back to the input."""
+
+    canonical: Canonical
+    plane: str
+    axis: int  # canonical numpy axis of the slices
+    sampled: np.ndarray  # canonical slice indices that are embedded (all, or evenly spaced)
+    stats: tuple
+    config: PreprocessConfig
+
+    @property
+    def n_slices(self) -> int:
+        return self.canonical.array.shape[self.axis]
+
+    @property
+    def slice_axis(self) -> int:
+        """The input array's numpy axis the slices run along."""
+        return self.canonical.source_axis[self.axis]
+
+    @property
+    def pixel_spacing(self):
+        s = self.canonical.spacing
+        return {0: (s[1], s[2]), 1: (s[0], s[2]), 2: (s[0], s[1])}[self.axis]
+
+    def slices(self, canonical_indices) -> np.ndarray:
+        """`(N, rows, cols)` slices in display convention (superior up for coronal/sagittal)."""
+        block = np.take(self.canonical.array, canonical_indices, axis=self.axis)
+        block = np.moveaxis(block, self.axis, 0)
+        return block[:, ::-1, :] if self.axis in (1, 2) else block
+
+    def pixel_batches(self, batch_size: int):
+        for start in range(0, len(self.sampled), batch_size):
+            idx = self.sampled[start:start + batch_size]
+            yield slices_to_pixels(self.slices(idx), self.stats, self.pixel_spacing, self.config)
+
+    def to_input_order(self, sampled_values: np.ndarray) -> np.ndarray:
+        """Per-sampled-slice weights -> weights for every input slice, in input order, summing to 1.
+
+        Slices skipped by `max_slices` get the linear interpolation of their sampled neighbours.
+        """
+        values = np.asarray(sampled_values, dtype=np.float64)
+        if len(self.sampled) < self.n_slices:
+            values = np.interp(np.arange(self.n_slices), self.sampled, values)
+        values = values / values.sum()
+        if self.canonical.flipped[self.axis]:
+            values = values[::-1]
+        return values.astype(np.float32)
+
+    def input_index(self, canonical_index: int) -> int:
+        return self.n_slices - 1 - canonical_index if self.canonical.flipped[self.axis] else canonical_index
+
+
+def check_volume_shape(volume: Volume):
+    shape = volume.array.shape
+    if volume.array.size == 0:
+        raise RadCLIPError(f"the volume is empty (shape {shape})")
+    if min(shape) < 2:
+        raise RadCLIPError(
+            f"the volume is only 1 voxel thick (shape {shape}): use embed_image for a 2D image")
+
+
+def evenly_spaced(n: int, max_slices) -> np.ndarray:
+    if max_slices is None or max_slices >= n:
+        return np.arange(n)
+    if int(max_slices) < 1:
+        raise RadCLIPError(f"max_slices must be at least 1, got {max_slices}")
+    return np.unique(np.round(np.linspace(0, n - 1, int(max_slices))).astype(np.int64))
+
+
+def prepare_volume(volume: Volume, plane="auto", max_slices=None, config=PreprocessConfig()) -> PreparedVolume:
+    check_volume_shape(volume)
+    canonical = canonicalize(volume)
+    name = choose_plane(canonical.spacing, plane)
+    axis = PLANES.index(name)
+    sampled = evenly_spaced(canonical.array.shape[axis], max_slices)
+    return PreparedVolume(canonical, name, axis, sampled, intensity_stats(volume.array), config)
+
+
+def prepare_image(volume: Volume, config=PreprocessConfig()) -> torch.Tensor:
+    """A 2D image (a `Volume` one slice thick) -> `(1, 3, size, size)`; rows/columns as stored."""
+    if volume.array.size == 0:
+        raise RadCLIPError(f"the image is empty (shape {volume.array.shape})")
+    if volume.array.shape[0] != 1:
+        raise RadCLIPError(
+            f"expected a 2D image, got a volume of {volume.array.shape[0]} slices: use embed_volume")
+    spacing = (volume.spacing[1], volume.spacing[0])  # (row, col) = (j, i)
+    return slices_to_pixels(volume.array, intensity_stats(volume.array), spacing, config)
