@@ -9,7 +9,12 @@ Conventions (those of SimpleITK/ITK and of Slicer's `arrayFromVolume`):
 """
 from __future__ import annotations
 
+import gzip
 import os
+import struct
+import tempfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,10 +122,77 @@ def read_volume(path) -> Volume:
 
 
 def _read_file(path: Path) -> sitk.Image:
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
     try:
-        return sitk.ReadImage(str(path))
+        with _native_output_captured():
+            return sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise RadCLIPError(f"cannot read '{path}': corrupt, truncated or not an image ({_sitk_reason(exc)})") from None
+
+
+@contextmanager
+def _native_output_captured():
+    """ITK prints some read errors straight to the C stdout/stderr; keep them out of our one line."""
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no real file descriptors (some embedded consoles)
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        try:
+            for fd in (1, 2):
+                os.dup2(sink.fileno(), fd)
+            yield
+        finally:
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+
+
+def _check_nifti_complete(path: Path):
+    """NIfTI readers zero-fill a truncated file silently; compare the data size the header promises
+    with the file size (.nii) or the gzip trailer's uncompressed size (.nii.gz)."""
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            header = fh.read(540)
+        if gz:
+            with open(path, "rb") as fh:
+                fh.seek(-4, os.SEEK_END)
+                actual = struct.unpack("<I", fh.read(4))[0]
+        else:
+            actual = path.stat().st_size
+    except (OSError, EOFError, zlib.error, struct.error) as exc:
+        raise RadCLIPError(f"cannot read '{path}': corrupt or truncated ({exc})") from None
+    expected = _nifti_data_end(header)
+    if expected is None:
+        return  # not a header we know: let the reader decide
+    complete = actual == expected % 2**32 if gz else actual >= expected  # gzip stores the size mod 2^32
+    if not complete:
+        raise RadCLIPError(f"cannot read '{path}': truncated (the header promises {expected} bytes, "
+                           f"the {'gzip stream holds' if gz else 'file has'} {actual})")
+
+
+def _nifti_data_end(header: bytes):
+    """Offset of the end of the voxel data, from a NIfTI-1 or NIfTI-2 header (None if unknown)."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    return offset + int(np.prod([max(d, 1) for d in dims[1:ndim + 1]], dtype=np.int64)) * bitpix // 8
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
