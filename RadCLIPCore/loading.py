@@ -259,20 +259,26 @@ def _load_state_dict(path: Path, config, source, kwargs, pooling) -> RadCLIPMode
     state = _read_weights(path)
     tokenizer = bundled_tokenizer()
     clip_config = align_token_ids(read_clip_config(config or "clip-vit-large-patch14"), tokenizer)
-    clip = CLIPModel(clip_config)
-    expected = set(clip.state_dict())
-    unexpected = sorted(set(state) - expected)
-    missing = sorted(expected - set(state))
-    if missing or unexpected:
+    with torch.device("meta"):  # no random init of ~430M weights: they are replaced right away
+        clip = CLIPModel(clip_config)
+    expected = {k: tuple(v.shape) for k, v in clip.state_dict().items()}
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
         raise RadCLIPError(
             f"'{path.name}' does not match the {_arch_name(clip_config)} CLIP architecture: "
-            f"{len(missing)} missing weights (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
-            "pass the matching config")
-    try:
-        clip.load_state_dict(state)
-    except RuntimeError as exc:
-        raise RadCLIPError(f"'{path.name}' does not fit the {_arch_name(clip_config)} architecture: "
-                           f"{_first_line(exc)[:200]}") from None
+            f"{len(missing)} missing weights {missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, "
+            f"{len(wrong)} of another shape {wrong[:2]}; pass the matching config")
+    clip.load_state_dict(state, assign=True)
+    for module in clip.modules():  # non-persistent buffers are not in a state_dict: rebuild them
+        ids = getattr(module, "position_ids", None)
+        if isinstance(ids, torch.Tensor) and ids.is_meta:
+            module.register_buffer("position_ids", torch.arange(ids.shape[-1]).expand((1, -1)), persistent=False)
+    leftover = [n for n, t in list(clip.named_parameters()) + list(clip.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RadCLIPError(f"'{path.name}': weights {leftover[:3]} were not set")
+    clip.eval()
     return _with_pooling(RadCLIPModel(clip, tokenizer, source=str(source), **kwargs), pooling)
 
 

@@ -23,7 +23,7 @@ from .adapter import SlicePoolingAdapter, mean_pool
 from .encoders import image_features, resolve_device, resolve_precision, text_features
 from .errors import RadCLIPError
 from .io import Volume, as_volume
-from .preprocessing import PLANES, PreprocessConfig, prepare_image, prepare_volume
+from .preprocessing import PLANES, PreprocessConfig, check_volume_shape, prepare_image, prepare_volume
 
 log = logging.getLogger("RadCLIPCore")
 
@@ -123,6 +123,7 @@ class RadCLIPModel:
         if path_key is not None and path_key in self._volumes:
             return self._cache_hit(path_key)
         volume = as_volume(source, spacing, direction)
+        check_volume_shape(volume)
         content_key = (_content_hash(volume),) + settings
         if content_key in self._volumes:
             result = self._cache_hit(content_key)

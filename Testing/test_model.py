@@ -1,0 +1,188 @@
+"""The public inference API on real volumes with a tiny real CLIP (transformers) model."""
+import logging
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from RadCLIPCore import RadCLIPError, Volume, read_volume
+
+
+def _volume(image):
+    return Volume(sitk.GetArrayFromImage(image), image.GetSpacing(), np.reshape(image.GetDirection(), (3, 3)))
+
+
+@pytest.fixture(scope="module")
+def mni_small(mni):
+    return sitk.ReadImage(str(mni))[::3, ::3, ::3]
+
+
+def _count_vision_calls(model):
+    calls = []
+    handle = model.clip.vision_model.register_forward_hook(lambda m, i, o: calls.append(i))
+    return calls, handle
+
+
+def test_embed_volume_chest_ct(model, chest_ct):
+    emb = model.embed_volume(chest_ct, max_slices=24)
+    assert emb.embedding.shape == (64,) and emb.embedding.dtype == np.float32
+    assert abs(np.linalg.norm(emb.embedding) - 1) < 1e-5
+    assert emb.plane == "axial" and emb.slice_axis == 0
+    assert emb.slice_weights.shape == (133,) and abs(emb.slice_weights.sum() - 1) < 1e-5
+    assert len(emb.sampled_slices) == 24 and emb.slice_embeddings.shape == (24, 64)
+    assert emb.pooling == "adapter"
+    assert np.all(np.diff(emb.sampled_slices) > 0)
+
+
+def test_orientation_does_not_change_the_embedding(model, mni_small):
+    """A permuted/flipped copy with a matching direction matrix is the same anatomy."""
+    reference = model.embed_volume(_volume(mni_small), plane="axial")
+    copy = sitk.Flip(sitk.PermuteAxes(mni_small, [2, 0, 1]), [True, False, True])
+    emb = model.embed_volume(_volume(copy), plane="axial")
+    np.testing.assert_allclose(emb.embedding, reference.embedding, atol=1e-5)
+    # the weights follow the slices: axial slices run along the copy's axis that came from k
+    assert emb.slice_axis != reference.slice_axis
+    np.testing.assert_allclose(np.sort(emb.slice_weights), np.sort(reference.slice_weights), atol=1e-6)
+
+
+def test_weights_follow_a_flipped_slice_axis(model, mni_small):
+    reference = model.embed_volume(_volume(mni_small), plane="axial")
+    flipped = model.embed_volume(_volume(sitk.Flip(mni_small, [False, False, True])), plane="axial")
+    np.testing.assert_allclose(flipped.slice_weights, reference.slice_weights[::-1], atol=1e-6)
+    np.testing.assert_allclose(flipped.embedding, reference.embedding, atol=1e-5)
+
+
+def test_result_does_not_depend_on_the_slice_batch_size(model, mni_small):
+    model.clear_cache()
+    a = model.embed_volume(_volume(mni_small), batch_size=3)
+    model.clear_cache()
+    b = model.embed_volume(_volume(mni_small), batch_size=64)
+    np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-5)
+    np.testing.assert_allclose(a.slice_weights, b.slice_weights, atol=1e-6)
+
+
+def test_mean_pooling_is_the_mean_of_slice_embeddings(mean_model, mni_small):
+    emb = mean_model.embed_volume(_volume(mni_small))
+    mean = emb.slice_embeddings.mean(0)
+    np.testing.assert_allclose(emb.embedding, mean / np.linalg.norm(mean), atol=1e-5)
+    np.testing.assert_allclose(emb.slice_weights, 1 / len(emb.slice_weights), atol=1e-7)
+
+
+def test_repeated_embedding_is_served_from_the_cache(model, chest_ct):
+    model.clear_cache()
+    calls, handle = _count_vision_calls(model)
+    try:
+        first = model.embed_volume(chest_ct, max_slices=16)
+        n = len(calls)
+        assert n > 0
+        again = model.embed_volume(chest_ct, max_slices=16)  # same file
+        same_content = model.embed_volume(read_volume(chest_ct), max_slices=16)  # same content, in memory
+        assert len(calls) == n and again is first and same_content is first
+        other_settings = model.embed_volume(chest_ct, max_slices=8)
+        assert len(calls) > n and other_settings is not first
+        n = len(calls)
+        model.rank(first, ["Chest CT", "a brand new prompt"])  # ranking costs only the text tower
+        assert len(calls) == n
+    finally:
+        handle.remove()
+
+
+def test_edited_content_is_not_served_stale(model, mni_small):
+    vol = _volume(mni_small)
+    a = model.embed_volume(vol)
+    edited = Volume(vol.array.copy(), vol.spacing, vol.direction)
+    edited.array[10:20] = 0
+    assert not np.allclose(model.embed_volume(edited).embedding, a.embedding)
+
+
+def test_rank_probabilities_are_the_softmax_of_cosine_over_temperature(model, chest_ct):
+    emb = model.embed_volume(chest_ct, max_slices=16)
+    prompts = ["Chest CT", "Brain MRI", "Abdomen CT with liver lesion", "A puppy", "A cat", "A life vest"]
+    ranked = model.rank(emb, prompts)
+    assert sorted(r.prompt for r in ranked) == sorted(prompts)
+    cos = [r.cosine for r in ranked]
+    assert cos == sorted(cos, reverse=True)
+    texts = model.embed_texts([r.prompt for r in ranked])
+    np.testing.assert_allclose(cos, texts @ emb.embedding, atol=1e-5)
+    expected = torch.softmax(torch.tensor(cos, dtype=torch.float64) / model.temperature, 0).numpy()
+    np.testing.assert_allclose([r.probability for r in ranked], expected, rtol=1e-6)
+    assert abs(sum(r.probability for r in ranked) - 1) < 1e-9
+    assert model.temperature == pytest.approx(0.05)
+    prompt, prob, cosine = ranked[0]  # plain tuples too
+
+
+def test_text_embeddings_are_cached_per_text(model):
+    calls = []
+    handle = model.clip.text_model.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        a = model.embed_texts(["Head CT", "Knee MRI"])
+        n = len(calls)
+        b = model.embed_texts(["Knee MRI", "Head CT", "Knee MRI"])
+        assert len(calls) == n
+        np.testing.assert_array_equal(b[0], a[1])
+        assert b.shape == (3, 64)
+        np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+    finally:
+        handle.remove()
+
+
+def test_text_embedding_ignores_padding(model):
+    alone = model.embed_texts(["Brain MRI with pituitary tumor"])[0]
+    model._texts.clear()
+    batched = model.embed_texts(["Brain MRI with pituitary tumor", "a much longer prompt " * 5])[0]
+    np.testing.assert_allclose(alone, batched, atol=1e-5)
+
+
+def test_embed_image(model, ct_small, mr_small):
+    ct = model.embed_image(ct_small)
+    mr = model.embed_image(mr_small)
+    assert ct.shape == (64,) and abs(np.linalg.norm(ct) - 1) < 1e-5
+    assert not np.allclose(ct, mr)
+    arr = read_volume(ct_small).array[0]
+    np.testing.assert_allclose(model.embed_image(arr, spacing=(0.661468, 0.661468)), ct, atol=1e-5)
+    with pytest.raises(RadCLIPError, match="embed_volume"):
+        model.embed_image(np.zeros((3, 8, 8)))
+
+
+@pytest.mark.parametrize("prompts,match", [([], "no prompts"), (["Chest CT", "  "], "prompt 2 is empty"),
+                                           ([""], "empty"), (["ok", 3], "not text")])
+def test_bad_prompts(model, prompts, match):
+    with pytest.raises(RadCLIPError, match=match):
+        model.rank(np.ones(64, np.float32) / 8, prompts)
+
+
+def test_very_long_prompt_is_truncated_with_a_warning(model, caplog):
+    long = "Chest CT with " + "a very large nodule in the right upper lobe and " * 20
+    with caplog.at_level(logging.WARNING, logger="RadCLIPCore"):
+        emb = model.embed_texts([long])
+    assert emb.shape == (1, 64)
+    assert any("truncated" in r.getMessage() for r in caplog.records)
+
+
+def test_constant_volume_works(model):
+    emb = model.embed_volume(np.zeros((6, 20, 20), np.int16))
+    assert np.isfinite(emb.embedding).all() and abs(emb.slice_weights.sum() - 1) < 1e-5
+
+
+def test_bad_volumes(model):
+    with pytest.raises(RadCLIPError, match="1 voxel thick"):
+        model.embed_volume(np.zeros((1, 20, 20)))
+    with pytest.raises(RadCLIPError, match="empty"):
+        model.embed_volume(np.zeros((0, 20, 20)))
+    nan = np.zeros((4, 8, 8))
+    nan[0, 0, 0] = np.nan
+    with pytest.raises(RadCLIPError, match="NaN"):
+        model.embed_volume(nan)
+    with pytest.raises(RadCLIPError, match="spacing"):
+        model.embed_volume(np.zeros((4, 8, 8)), spacing=(1, 0, 1))
+
+
+def test_bf16_on_cpu_when_asked(radclip_dir, chest_ct, model):
+    from RadCLIPCore import load_model
+
+    bf16 = load_model(radclip_dir, device="cpu", precision="bf16")
+    assert bf16.dtype == torch.bfloat16 and model.dtype == torch.float32
+    a = bf16.embed_volume(chest_ct, max_slices=8).embedding
+    b = model.embed_volume(chest_ct, max_slices=8).embedding
+    assert a.dtype == np.float32 and float(a @ b) > 0.98
