@@ -18,7 +18,7 @@ import numpy as np
 from .errors import RadCLIPError
 from .fileutil import atomic_path, atomic_write_text
 from .io import IMAGE_SUFFIXES, _looks_like_dicom, check_readable, read_volume
-from .preprocessing import PLANES
+from .preprocessing import PLANES, check_volume_shape
 
 EXIT_USER_ERROR = 2
 
@@ -100,9 +100,12 @@ def _load(args):
 def _embed(args):
     """Read the input, load the model, embed. Returns (model, volume, VolumeEmbedding or None, vector)."""
     path = check_readable(args.image)
-    volume = read_volume(path)  # read before loading the model: bad files fail fast
+    volume = read_volume(path)  # read and check before loading the model: bad files fail fast
+    is_image = _is_2d_file(path) and volume.array.shape[0] == 1
+    if not is_image:
+        check_volume_shape(volume)
     model = _load(args)
-    if _is_2d_file(path) and volume.array.shape[0] == 1:
+    if is_image:
         return model, volume, None, model.embed_image(volume)
     emb = model.embed_volume(volume, plane=args.plane, max_slices=args.max_slices, progress=True)
     return model, volume, emb, emb.embedding
@@ -183,6 +186,7 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         return args.func(args)
     except RadCLIPError as exc:
         print(f"error: {exc}", file=sys.stderr)

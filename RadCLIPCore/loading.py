@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -295,7 +296,9 @@ def _read_weights(path: Path) -> dict:
         except Exception as exc:
             raise RadCLIPError(f"cannot read '{path}': corrupt or not safetensors ({_first_line(exc)})") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: keep one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise RadCLIPError(
             f"refusing to load '{path.name}': it is not a plain weights file (its pickle asks to run or build "

@@ -23,12 +23,23 @@ def _pyplot():
     return plt
 
 
+def _separated_peaks(weights, k, min_gap):
+    """The k highest slices, at least `min_gap` apart (neighbours of a peak look the same)."""
+    picked = []
+    for i in np.argsort(-weights, kind="stable"):
+        if all(abs(int(i) - j) >= min_gap for j in picked):
+            picked.append(int(i))
+        if len(picked) == k:
+            break
+    return picked
+
+
 def plot_attention(emb: VolumeEmbedding, volume: Volume, path, top: int = 3, title: str | None = None):
     """Weight per slice (input slice numbers) with thumbnails of the `top` most attended slices."""
     plt = _pyplot()
     prepared = prepare_volume(volume, emb.plane)
     n = len(emb.slice_weights)
-    best = [int(i) for i in np.argsort(-emb.slice_weights, kind="stable")[:top]]
+    best = _separated_peaks(emb.slice_weights, top, min_gap=max(1, n // (3 * max(top, 1))))
     fig = plt.figure(figsize=(3 * max(top, 3), 5.5), dpi=100)
     grid = fig.add_gridspec(2, max(top, 1), height_ratios=[1.1, 1])
     ax = fig.add_subplot(grid[0, :])

@@ -1,0 +1,147 @@
+"""`python -m RadCLIPCore` end to end in real subprocesses, and every bad input -> one line, exit != 0."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from RadCLIPCore.cli import main
+
+from conftest import REPO
+
+PROMPTS = ["Chest CT", "Brain MRI", "Head CT", "A puppy", "A cat", "A life vest"]
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "RadCLIPCore", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def test_rank_json_and_plot_in_a_subprocess(radclip_dir, chest_ct, tmp_path):
+    png = tmp_path / "attention.png"
+    args = ["rank", chest_ct, "--model", radclip_dir, "--max-slices", 16, "--json", "--plot", png]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [p["text"] for p in out["prompts"]] != [] and sorted(p["text"] for p in out["prompts"]) == sorted(PROMPTS)
+    probs = [p["probability"] for p in out["prompts"]]
+    assert abs(sum(probs) - 1) < 1e-6
+    cos = [p["cosine"] for p in out["prompts"]]
+    assert cos == sorted(cos, reverse=True)
+    assert len(out["slice_weights"]) == 133 and out["slice_axis"] == 0 and out["plane"] == "axial"
+    assert abs(sum(out["slice_weights"]) - 1) < 1e-4
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "Traceback" not in res.stderr
+
+
+def test_rank_table_matches_the_library(model, radclip_dir, mni, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("# modality prompts\nBrain MRI\n\nChest CT\nA puppy\n", encoding="utf-8")
+    res = run_cli("rank", mni, "--model", radclip_dir, "--prompts-file", prompts_file, "--max-slices", 12)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert "axial plane, 189 slices" in lines[0]
+    table = [line.split(None, 3) for line in lines[2:]]
+    ranked = model.rank(model.embed_volume(mni, max_slices=12), ["Brain MRI", "Chest CT", "A puppy"])
+    assert [row[3] for row in table] == [r.prompt for r in ranked]
+    np.testing.assert_allclose([float(row[1]) for row in table], [r.probability for r in ranked], atol=1e-4)
+
+
+def test_embed_writes_npz_and_json(radclip_dir, chest_ct, ct_small, tmp_path, capsys):
+    assert main(["embed", str(chest_ct), "--model", str(radclip_dir), "--max-slices", "8",
+                 "-o", str(tmp_path / "e.npz")]) == 0
+    data = np.load(tmp_path / "e.npz")
+    assert data["embedding"].shape == (64,) and data["slice_weights"].shape == (133,)
+    assert int(data["slice_axis"]) == 0 and str(data["plane"]) == "axial"
+    assert main(["embed", str(ct_small), "--model", str(radclip_dir), "-o", str(tmp_path / "img.json")]) == 0
+    img = json.loads((tmp_path / "img.json").read_text())
+    assert len(img["embedding"]) == 64 and "slice_weights" not in img
+
+
+def test_rank_a_2d_dicom_image(radclip_dir, ct_small, capsys):
+    assert main(["rank", str(ct_small), "--model", str(radclip_dir), "--prompt", "Head CT",
+                 "--prompt", "Brain MRI", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["slice_weights"] is None and len(out["prompts"]) == 2
+
+
+def test_help_everywhere():
+    for args in (["--help"], ["rank", "--help"], ["embed", "--help"]):
+        res = run_cli(*args)
+        assert res.returncode == 0 and "usage:" in res.stdout
+
+
+# ------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, chest_ct):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "junk.nii.gz").write_bytes(b"\x1f\x8b\x08garbage" * 20)
+    data = chest_ct.read_bytes()
+    (d / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    (d / "scan.xyz").write_text("?")
+    sitk.WriteImage(sitk.JoinSeries([sitk.Image(4, 4, 4, sitk.sitkFloat32)] * 2), str(d / "4d.nrrd"))
+    sitk.WriteImage(sitk.Image(1, 30, 30, sitk.sitkInt16), str(d / "thin.nrrd"))
+    sitk.WriteImage(sitk.Image(8, 8, 8, sitk.sitkInt16), str(d / "constant.nrrd"))
+    nan = np.zeros((4, 8, 8), np.float32)
+    nan[1, 1, 1] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(nan), str(d / "nan.nrrd"))
+    (d / "latin1.txt").write_bytes("Hirn-MRT mit Läsion\n".encode("latin-1"))
+    (d / "empty.txt").write_text("# nothing\n\n")
+    (d / "evil.pth").write_bytes(__import__("pickle").dumps(type("E", (), {"__reduce__": lambda s: (print, ("x",))})()))
+    (d / "model-no-files").mkdir()
+    return d
+
+
+BAD = [
+    (["rank", "{d}/missing.nii.gz", "--prompt", "x"], "file not found"),
+    (["rank", "{d}/junk.nii.gz", "--prompt", "x"], "cannot read"),
+    (["rank", "{d}/cut.nii.gz", "--prompt", "x"], "truncated"),
+    (["rank", "{d}/scan.xyz", "--prompt", "x"], "unsupported file type"),
+    (["rank", "{d}/4d.nrrd", "--prompt", "x"], "4D"),
+    (["rank", "{d}/thin.nrrd", "--prompt", "x"], "1 voxel thick"),
+    (["rank", "{d}/nan.nrrd", "--prompt", "x"], "NaN"),
+    (["rank", "{ct}"], "no prompts given"),
+    (["rank", "{ct}", "--prompts-file", "{d}/empty.txt"], "no prompts given"),
+    (["rank", "{ct}", "--prompt", "   "], "prompt 1 is empty"),
+    (["rank", "{ct}", "--prompts-file", "{d}/latin1.txt"], "not UTF-8"),
+    (["rank", "{ct}", "--prompt", "x", "--model", "{d}/model-no-files"], "missing config.json"),
+    (["rank", "{ct}", "--prompt", "x", "--model", "{d}/evil.pth"], "refusing to load"),
+    (["rank", "{ct}", "--prompt", "x", "--model", "openai/clip-vit-large-patch14", "--offline"], "hf download"),
+    (["rank", "{ct}", "--prompt", "x", "--max-slices", "0"], "max_slices"),
+    (["rank", "{ct}", "--prompt", "x", "--plot", "{d}/plot.jpg"], ".png"),
+    (["embed", "{ct}", "-o", "{d}/out.csv"], ".npz or .json"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_line_and_exit_2(args, message, bad_files, radclip_dir, chest_ct, capsys):
+    argv = [a.format(d=bad_files, ct=chest_ct) for a in args]
+    if "--model" not in argv:
+        argv += ["--model", str(radclip_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_constant_volume_and_long_prompt_work(bad_files, radclip_dir, capsys):
+    long = "Chest CT showing " + "a large mass " * 60
+    assert main(["rank", str(bad_files / "constant.nrrd"), "--model", str(radclip_dir), "--prompt", long,
+                 "--prompt", "Brain MRI"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: prompt truncated")
+
+
+def test_bad_input_in_a_real_subprocess_has_no_traceback(bad_files, radclip_dir):
+    for args in (["rank", bad_files / "cut.nii.gz", "--prompt", "x", "--model", radclip_dir],
+                 ["rank", bad_files / "4d.nrrd", "--model", radclip_dir]):
+        res = run_cli(*args)
+        assert res.returncode == 2
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
+    res = run_cli("rank")  # argparse usage error
+    assert res.returncode == 2 and "usage:" in res.stderr
