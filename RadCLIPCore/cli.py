@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())
     logger = logging.getLogger("RadCLIPCore")
+    saved = logger.handlers[:], logger.level, logger.propagate  # main() may be called in-process
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if os.environ.get("RADCLIP_VERBOSE") else logging.WARNING)
     logger.propagate = False
@@ -202,4 +203,4 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        logger.removeHandler(handler)
+        logger.handlers[:], logger.level, logger.propagate = saved
