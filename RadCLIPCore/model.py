@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +143,7 @@ class RadCLIPModel:
     def _embed_volume(self, volume: Volume, plane, max_slices, batch_size, progress) -> VolumeEmbedding:
         prepared = prepare_volume(volume, plane, max_slices, self.preprocess)
         batch_size = int(batch_size or self.batch_size)
-        batches = prepared.pixel_batches(batch_size)
+        batches = _prefetched(prepared.pixel_batches(batch_size))
         if progress:
             from tqdm.auto import tqdm
 
@@ -211,6 +213,49 @@ class RadCLIPModel:
         cache.move_to_end(key)
         while len(cache) > limit:
             cache.popitem(last=False)
+
+
+def _prefetched(batches, depth=2):
+    """Prepare the next slice batches in a background thread while the encoder runs.
+
+    numpy/torch release the GIL, so CPU preprocessing overlaps the (GPU or CPU) encoder.
+    Errors in the producer are re-raised here; stopping early stops the producer.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in batches:
+                if not offer(item):
+                    return
+            offer(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            offer(exc)
+
+    worker = threading.Thread(target=produce, name="radclip-preprocess", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _shorten(text, n=60):

@@ -100,20 +100,17 @@ def choose_plane(spacing, plane="auto") -> str:
 
 
 def intensity_stats(array: np.ndarray):
-    """(mean, std) over the whole volume in float64, streamed in chunks (no full-size copy)."""
+    """(mean, std) over the whole volume in float64, one streamed pass (no full-size copy)."""
     total = total_sq = 0.0
-    count = array.size
     for start in range(0, array.shape[0], _STATS_CHUNK):
         chunk = array[start:start + _STATS_CHUNK]
         if np.issubdtype(chunk.dtype, np.floating) and not np.all(np.isfinite(chunk)):
             raise RadCLIPError("the image contains NaN or infinite values; fix or mask them first")
-        chunk = chunk.astype(np.float64)
-        total += chunk.sum()
-    mean = total / count
-    for start in range(0, array.shape[0], _STATS_CHUNK):
-        chunk = array[start:start + _STATS_CHUNK].astype(np.float64) - mean
-        total_sq += np.square(chunk).sum()
-    return float(mean), float(np.sqrt(total_sq / count))
+        flat = chunk.astype(np.float64).ravel()
+        total += flat.sum()
+        total_sq += flat @ flat
+    mean = total / array.size
+    return float(mean), float(np.sqrt(max(total_sq / array.size - mean * mean, 0.0)))
 
 
 def slices_to_pixels(slices: np.ndarray, stats, pixel_spacing, config: PreprocessConfig) -> torch.Tensor:

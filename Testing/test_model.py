@@ -186,3 +186,30 @@ def test_bf16_on_cpu_when_asked(radclip_dir, chest_ct, model):
     a = bf16.embed_volume(chest_ct, max_slices=8).embedding
     b = model.embed_volume(chest_ct, max_slices=8).embedding
     assert a.dtype == np.float32 and float(a @ b) > 0.98
+
+
+def test_prefetch_passes_errors_through_and_stops_early():
+    import threading
+
+    from RadCLIPCore.model import _prefetched
+
+    def failing():
+        yield 1
+        raise ValueError("broken slice")
+
+    with pytest.raises(ValueError, match="broken slice"):
+        list(_prefetched(failing()))
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    gen = _prefetched(endless(), depth=2)
+    assert [next(gen) for _ in range(3)] == [0, 1, 2]
+    gen.close()  # the consumer stops: the producer thread must end, not block on a full queue
+    assert not any(t.name == "radclip-preprocess" for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 1
