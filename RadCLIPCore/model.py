@@ -49,6 +49,10 @@ class VolumeEmbedding:
     slice_embeddings: np.ndarray = field(repr=False)  # (len(sampled_slices), dim), unit norm, input order
     pooling: str = "mean"
 
+    def __post_init__(self):  # results are shared through the cache: nobody may edit them in place
+        for value in (self.embedding, self.slice_weights, self.sampled_slices, self.slice_embeddings):
+            value.flags.writeable = False
+
     @property
     def most_attended_slice(self) -> int:
         return int(np.argmax(self.slice_weights))

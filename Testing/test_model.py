@@ -213,3 +213,10 @@ def test_prefetch_passes_errors_through_and_stops_early():
     gen.close()  # the consumer stops: the producer thread must end, not block on a full queue
     assert not any(t.name == "radclip-preprocess" for t in threading.enumerate())
     assert len(produced) <= 3 + 2 + 1
+
+
+def test_cached_results_cannot_be_edited_in_place(model, chest_ct):
+    emb = model.embed_volume(chest_ct, max_slices=4)
+    with pytest.raises(ValueError):
+        emb.slice_weights[0] = 1.0
+    assert model.embed_volume(chest_ct, max_slices=4) is emb
