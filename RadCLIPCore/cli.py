@@ -173,13 +173,16 @@ class _OneLine(logging.Formatter):
         return f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}"
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def guarded(run) -> int:
+    """Run `run()` (returns an exit status) with one-line errors and warnings on stderr.
+
+    RadCLIPError -> `error: ...`, exit 2; Ctrl-C -> exit 130; anything else -> one line, exit 1
+    (RADCLIP_DEBUG=1 shows the traceback). Used by the CLI and the Training entry points.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())
     logger = logging.getLogger("RadCLIPCore")
-    saved = logger.handlers[:], logger.level, logger.propagate  # main() may be called in-process
+    saved = logger.handlers[:], logger.level, logger.propagate  # may be called in-process
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if os.environ.get("RADCLIP_VERBOSE") else logging.WARNING)
     logger.propagate = False
@@ -188,7 +191,7 @@ def main(argv=None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        return args.func(args)
+        return run()
     except RadCLIPError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -204,3 +207,8 @@ def main(argv=None) -> int:
         return 1
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return guarded(lambda: args.func(args))

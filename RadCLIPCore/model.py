@@ -144,8 +144,12 @@ class RadCLIPModel:
         self._volumes.move_to_end(key)
         return self._volumes[key]
 
-    def _embed_volume(self, volume: Volume, plane, max_slices, batch_size, progress) -> VolumeEmbedding:
-        prepared = prepare_volume(volume, plane, max_slices, self.preprocess)
+    def slice_embeddings(self, volume: Volume, plane=None, max_slices=None, batch_size=None, progress=False):
+        """(PreparedVolume, (len(prepared.sampled), dim) unit-norm embeddings in canonical slice order).
+
+        The one path from a volume to per-slice embeddings: inference and the stage-2 cache use it.
+        """
+        prepared = prepare_volume(volume, plane or self.plane, max_slices, self.preprocess)
         batch_size = int(batch_size or self.batch_size)
         batches = _prefetched(prepared.pixel_batches(batch_size))
         if progress:
@@ -153,7 +157,10 @@ class RadCLIPModel:
 
             batches = tqdm(batches, total=-(-len(prepared.sampled) // batch_size), desc="embedding slices",
                            unit="batch", leave=False, disable=None)
-        slices = torch.cat([self.encode_pixels(pixels) for pixels in batches])
+        return prepared, torch.cat([self.encode_pixels(pixels) for pixels in batches])
+
+    def _embed_volume(self, volume: Volume, plane, max_slices, batch_size, progress) -> VolumeEmbedding:
+        prepared, slices = self.slice_embeddings(volume, plane, max_slices, batch_size, progress)
         embedding, weights = self.pool(slices.unsqueeze(0))
         order = slice(None, None, -1) if prepared.canonical.flipped[prepared.axis] else slice(None)
         sampled_input = np.array([prepared.input_index(int(c)) for c in prepared.sampled])

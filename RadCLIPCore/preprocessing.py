@@ -113,8 +113,9 @@ def intensity_stats(array: np.ndarray):
     return float(mean), float(np.sqrt(max(total_sq / array.size - mean * mean, 0.0)))
 
 
-def slices_to_pixels(slices: np.ndarray, stats, pixel_spacing, config: PreprocessConfig) -> torch.Tensor:
-    """`(N, rows, cols)` slices -> `(N, 3, size, size)` float32 CLIP input; batched torch ops."""
+def slices_to_unit(slices: np.ndarray, stats, pixel_spacing, config: PreprocessConfig) -> torch.Tensor:
+    """`(N, rows, cols)` slices -> `(N, 1, size, size)` float32 in [0, 1] (steps 4-5 before CLIP's
+    channel normalisation); batched torch ops."""
     mean, std = stats
     x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
     c = float(config.zscore_clip)
@@ -128,10 +129,19 @@ def slices_to_pixels(slices: np.ndarray, stats, pixel_spacing, config: Preproces
     if (out_h, out_w) != (rows, cols):
         x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
     top, left = (size - out_h) // 2, (size - out_w) // 2
-    x = F.pad(x, (left, size - out_w - left, top, size - out_h - top), value=0.0)
+    return F.pad(x, (left, size - out_w - left, top, size - out_h - top), value=0.0)
+
+
+def unit_to_clip(x: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """`(N, 1, S, S)` in [0, 1] -> `(N, 3, S, S)` with CLIP's per-channel mean/std."""
     mean_c = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_c = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - mean_c) / std_c
+    return (x.float() - mean_c) / std_c
+
+
+def slices_to_pixels(slices: np.ndarray, stats, pixel_spacing, config: PreprocessConfig) -> torch.Tensor:
+    """`(N, rows, cols)` slices -> `(N, 3, size, size)` float32 CLIP input."""
+    return unit_to_clip(slices_to_unit(slices, stats, pixel_spacing, config), config)
 
 
 @dataclass
@@ -213,12 +223,24 @@ def prepare_volume(volume: Volume, plane="auto", max_slices=None, config=Preproc
     return PreparedVolume(canonical, name, axis, sampled, intensity_stats(volume.array), config)
 
 
-def prepare_image(volume: Volume, config=PreprocessConfig()) -> torch.Tensor:
-    """A 2D image (a `Volume` one slice thick) -> `(1, 3, size, size)`; rows/columns as stored."""
+def prepare_image(volume: Volume, config=PreprocessConfig(), unit=False) -> torch.Tensor:
+    """A 2D image (a `Volume` one slice thick) -> `(1, 3, size, size)` (or `(1, 1, size, size)` in
+    [0, 1] with `unit=True`); rows/columns as stored."""
     if volume.array.size == 0:
         raise RadCLIPError(f"the image is empty (shape {volume.array.shape})")
     if volume.array.shape[0] != 1:
         raise RadCLIPError(
             f"expected a 2D image, got a volume of {volume.array.shape[0]} slices: use embed_volume")
     spacing = (volume.spacing[1], volume.spacing[0])  # (row, col) = (j, i)
-    return slices_to_pixels(volume.array, intensity_stats(volume.array), spacing, config)
+    x = slices_to_unit(volume.array, intensity_stats(volume.array), spacing, config)
+    return x if unit else unit_to_clip(x, config)
+
+
+def prepare_slice(volume: Volume, index: int, plane="auto", config=PreprocessConfig()) -> torch.Tensor:
+    """Slice `index` of a volume (counted along `plane` in the input array's order, as
+    `VolumeEmbedding.slice_weights`) -> `(1, 1, size, size)` in [0, 1], z-scored over the volume."""
+    prepared = prepare_volume(volume, plane, None, config)
+    if not 0 <= index < prepared.n_slices:
+        raise RadCLIPError(f"slice {index} is outside the volume's {prepared.n_slices} {prepared.plane} slices")
+    canonical = prepared.input_index(index)  # the mapping is its own inverse
+    return slices_to_unit(prepared.slices([canonical]), prepared.stats, prepared.pixel_spacing, config)

@@ -1,0 +1,423 @@
+"""The training loop both RadCLIP stages share.
+
+One `Trainer` runs: AdamW with L2 weight decay, a per-step cosine schedule from the base learning
+rate (1e-4, optional linear warmup), optional gradient accumulation, validation loss after every
+epoch, early stopping on it (patience), an atomic checkpoint every epoch (`checkpoints/last.pt`)
+plus the best one (`checkpoints/best.pt`), and exact resume: model, optimizer, scheduler, epoch,
+early-stopping state and RNG state are restored, and the data order of epoch e depends only on
+(seed, e), so a run killed mid-epoch and resumed ends at the same weights as an uninterrupted one.
+
+Distributed: launched by torchrun, it uses torch.distributed (NCCL on GPUs, gloo on CPU), a
+DistributedSampler, DDP for the trainable module, and losses that gather features over ranks
+(`losses.info_nce`). Logs, progress bars and checkpoints are written by rank 0 only.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .errors import RadCLIPError
+from .fileutil import atomic_path, atomic_write_text
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 32  # global batch, over all ranks
+    lr: float = 1e-4
+    weight_decay: float = 0.05  # AdamW's decoupled L2 weight decay
+    warmup_steps: int = 0
+    patience: int = 5  # epochs without a validation improvement before stopping
+    min_delta: float = 0.0
+    accum_steps: int = 1
+    seed: int = 0
+    num_workers: int = 0
+
+    def check(self):
+        for name in ("epochs", "batch_size", "accum_steps", "patience"):
+            if getattr(self, name) < 1:
+                raise RadCLIPError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise RadCLIPError(f"learning rate must be positive, got {self.lr}")
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def all_agree(self, value: float) -> float:
+        """The mean of a float over ranks (so every rank takes the same decision)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.to(self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+
+def setup_distributed(device="auto") -> DistContext:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), or run alone."""
+    from .encoders import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext(device=resolve_device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistContext(rank, world, local_rank, torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu"))
+
+
+def teardown_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- schedule, early stop
+def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0):
+    """Linear warmup, then cosine annealing from the base learning rate to 0, per optimizer step."""
+
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class EarlyStopping:
+    patience: int
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's validation loss; True if it is the new best."""
+        if value < self.best - self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+# --------------------------------------------------------------------------- logging
+class MetricsLog:
+    """Per-step and per-epoch metrics as JSONL and CSV (+ TensorBoard when installed); rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_at: tuple | None = None):
+        """`resume_at` = (step, epoch) of the checkpoint resumed from: records after it are dropped
+        (that part of the run is done again); None starts fresh logs."""
+        self.out_dir, self.enabled = out_dir, enabled
+        self.tb = None
+        if not enabled:
+            return
+        for kind, keep in (("steps", lambda r: resume_at and r["step"] <= resume_at[0]),
+                           ("epochs", lambda r: resume_at and r["epoch"] < resume_at[1])):
+            path = out_dir / f"{kind}.jsonl"
+            kept = [r for r in self.read(kind) if keep(r)] if path.exists() else []
+            (out_dir / f"{kind}.csv").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            for record in kept:
+                self.write(kind, record, tensorboard=False)
+        try:  # after the rewrite above, so replayed records are not sent to TensorBoard twice
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def read(self, kind: str) -> list:
+        path = self.out_dir / f"{kind}.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+    def write(self, kind: str, record: dict, tensorboard=True):
+        if not self.enabled:
+            return
+        with open(self.out_dir / f"{kind}.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        path = self.out_dir / f"{kind}.csv"
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(record))
+            if new:
+                writer.writeheader()
+            writer.writerow(record)
+        if tensorboard and self.tb is not None:
+            x = record.get("step", record.get("epoch"))
+            for k, v in record.items():
+                if isinstance(v, float):
+                    self.tb.add_scalar(f"{kind}/{k}", v, x)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+    def plot(self, path: Path, title: str):
+        """PNG of the training (per step, smoothed) and validation (per epoch) loss curves."""
+        if not self.enabled:
+            return None
+        try:
+            from .plotting import _pyplot
+
+            plt = _pyplot()
+        except RadCLIPError:
+            return None
+        steps, epochs = self.read("steps"), self.read("epochs")
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        if steps:
+            ax.plot([s["epoch_float"] for s in steps], [s["loss"] for s in steps], color="tab:blue", alpha=0.3,
+                    lw=0.8, label="train (step)")
+        if epochs:
+            ax.plot([e["epoch"] + 1 for e in epochs], [e["train_loss"] for e in epochs], "o-", color="tab:blue",
+                    label="train (epoch mean)")
+            val = [(e["epoch"] + 1, e["val_loss"]) for e in epochs if e.get("val_loss") is not None]
+            if val:
+                ax.plot(*zip(*val), "s-", color="tab:red", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("contrastive loss")
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        import io as _io
+
+        buf = _io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        from .fileutil import atomic_write_bytes
+
+        atomic_write_bytes(path, buf.getvalue())
+        return path
+
+
+# --------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Train `module` (its parameters with requires_grad) on `compute_loss(module, batch)`.
+
+    `train_set`/`val_set` are map-style datasets; `collate` builds a batch. The same loss runs on
+    validation batches (in eval mode, no grad). `out_dir` receives checkpoints and logs.
+    """
+
+    def __init__(self, module: torch.nn.Module, compute_loss: Callable, train_set: Dataset, val_set: Dataset | None,
+                 collate: Callable, config: TrainConfig, out_dir, ctx: DistContext, progress: bool = True,
+                 describe: dict | None = None):
+        config.check()
+        if config.batch_size % ctx.world:
+            raise RadCLIPError(f"batch size {config.batch_size} is not divisible by the {ctx.world} processes")
+        if len(train_set) == 0:
+            raise RadCLIPError("no training samples")
+        self.module, self.compute_loss, self.config, self.ctx = module, compute_loss, config, ctx
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.progress = progress and ctx.main
+        self.describe = describe or {}
+        self.trainable = [p for p in module.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise RadCLIPError("nothing to train: no parameter requires a gradient")
+        local_batch = config.batch_size // ctx.world
+        self.train_sampler = DistributedSampler(train_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
+                                                seed=config.seed)
+        self.train_loader = DataLoader(train_set, batch_size=local_batch, sampler=self.train_sampler,
+                                       collate_fn=collate, num_workers=config.num_workers)
+        self.val_loader = None
+        if val_set is not None and len(val_set):
+            sampler = DistributedSampler(val_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=False)
+            self.val_loader = DataLoader(val_set, batch_size=local_batch, sampler=sampler, collate_fn=collate,
+                                         num_workers=config.num_workers)
+        self.wrapped = DistributedDataParallel(module) if ctx.distributed else module
+        decay = [p for p in self.trainable if p.ndim >= 2]
+        no_decay = [p for p in self.trainable if p.ndim < 2]  # biases, norms, scalars: no weight decay
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / config.accum_steps)
+        self.scheduler = cosine_schedule(self.optimizer, self.steps_per_epoch * config.epochs, config.warmup_steps)
+        self.early = EarlyStopping(config.patience, config.min_delta)
+        self.epoch = 0
+        self.step = 0
+
+    # ----------------------------------------------------------------- checkpoints
+    def _trainable_state(self):
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        state = self.module.state_dict()
+        return {n: state[n].detach().cpu().clone() for n in (names[id(p)] for p in self.trainable)}
+
+    def save_checkpoint(self, name: str):
+        if not self.ctx.main:
+            return
+        payload = {
+            "version": CHECKPOINT_VERSION,
+            "module": self._trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "early_stopping": asdict(self.early),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "config": asdict(self.config),
+            "describe": self.describe,
+        }
+        with atomic_path(self.ckpt_dir / name) as tmp:
+            torch.save(payload, tmp)
+
+    def load_checkpoint(self, path) -> dict:
+        try:
+            payload = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise RadCLIPError(f"cannot resume from '{path}': {str(exc).splitlines()[0][:160]}") from None
+        if payload.get("version") != CHECKPOINT_VERSION:
+            raise RadCLIPError(f"'{path}' is not a checkpoint of this version")
+        for key in ("batch_size", "lr", "epochs", "accum_steps", "seed"):
+            if payload["config"].get(key) != getattr(self.config, key):
+                raise RadCLIPError(f"cannot resume: --{key.replace('_', '-')} was {payload['config'].get(key)} "
+                                   f"in the checkpoint, now {getattr(self.config, key)}")
+        missing = set(self._trainable_state()) - set(payload["module"])
+        if missing:
+            raise RadCLIPError(f"cannot resume from '{path}': it lacks {sorted(missing)[:3]}")
+        self.module.load_state_dict(payload["module"], strict=False)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.early = EarlyStopping(**payload["early_stopping"])
+        self.epoch, self.step = payload["epoch"] + 1, payload["step"]
+        torch.set_rng_state(payload["rng"])
+        if payload["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        return payload
+
+    def load_best(self):
+        path = self.ckpt_dir / "best.pt"
+        if path.exists():
+            payload = torch.load(str(path), map_location="cpu", weights_only=True)
+            self.module.load_state_dict(payload["module"], strict=False)
+
+    # ----------------------------------------------------------------- loop
+    def _batches(self, loader, desc):
+        if not self.progress:
+            return loader
+        from tqdm.auto import tqdm
+
+        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+    def _run_loss(self, batch):
+        return self.compute_loss(self.wrapped, batch)
+
+    @torch.no_grad()
+    def validate(self):
+        if self.val_loader is None:
+            return None
+        self.module.eval()
+        total, count = 0.0, 0
+        for batch in self._batches(self.val_loader, "validation"):
+            total += float(self._run_loss(batch))
+            count += 1
+        # every rank computed the global-batch loss; agree on the mean anyway (uneven tails)
+        return self.ctx.all_agree(total / max(count, 1))
+
+    def train_epoch(self, log: MetricsLog):
+        self.module.train()
+        self.train_sampler.set_epoch(self.epoch)
+        if hasattr(self.train_loader.dataset, "set_epoch"):  # per-epoch augmentation, seeded
+            self.train_loader.dataset.set_epoch(self.epoch)
+        accum = self.config.accum_steps
+        losses = []
+        n = len(self.train_loader)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(self._batches(self.train_loader, f"epoch {self.epoch + 1}/{self.config.epochs}")):
+            last_micro = (i + 1) % accum == 0 or i + 1 == n
+            sync = self.wrapped.no_sync() if (self.ctx.distributed and not last_micro) else nullcontext()
+            with sync:
+                loss = self._run_loss(batch)
+                (loss / accum).backward()
+            losses.append(float(loss.detach()))
+            if last_micro:
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                log.write("steps", {"step": self.step, "epoch": self.epoch, "epoch_float": self.epoch + (i + 1) / n,
+                                    "loss": float(sum(losses[-accum:]) / len(losses[-accum:])),
+                                    "lr": float(self.scheduler.get_last_lr()[0])})
+        return sum(losses) / len(losses)
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train until the last epoch or early stopping. Returns a summary dict."""
+        if resume:
+            last = self.ckpt_dir / "last.pt"
+            if not last.exists():
+                raise RadCLIPError(f"nothing to resume: {last} does not exist")
+            self.load_checkpoint(last)
+        elif self.ctx.main and (self.ckpt_dir / "last.pt").exists():
+            raise RadCLIPError(f"'{self.out_dir}' already holds a run; use --resume, or another output folder")
+        self.ctx.barrier()
+        if self.ctx.main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(self.out_dir, self.ctx.main, (self.step, self.epoch) if resume else None)
+        stopped_early = self.early.should_stop
+        try:
+            while self.epoch < self.config.epochs and not stopped_early:
+                started = time.perf_counter()
+                train_loss = self.train_epoch(log)
+                val_loss = self.validate()
+                improved = self.early.update(val_loss if val_loss is not None else train_loss, self.epoch)
+                log.write("epochs", {"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss,
+                                     "lr": float(self.scheduler.get_last_lr()[0]),
+                                     "seconds": time.perf_counter() - started, "best": improved})
+                if self.progress:
+                    print(f"epoch {self.epoch + 1}/{self.config.epochs}: train {train_loss:.4f}"
+                          + (f", val {val_loss:.4f}" if val_loss is not None else "")
+                          + (" (best)" if improved else ""), flush=True)
+                self.save_checkpoint("last.pt")
+                if improved:
+                    self.save_checkpoint("best.pt")
+                stopped_early = self.early.should_stop
+                self.epoch += 1
+                self.ctx.barrier()
+        finally:
+            log.close()
+        curve = log.plot(self.out_dir / "loss_curves.png", f"{self.describe.get('stage', 'training')} loss")
+        if self.ctx.main:
+            atomic_write_text(self.out_dir / "summary.json", json.dumps({
+                "epochs_run": self.epoch, "stopped_early": stopped_early, "best_epoch": self.early.best_epoch,
+                "best_loss": self.early.best, "steps": self.step, **self.describe}, indent=2) + "\n")
+        return {"stopped_early": stopped_early, "best_epoch": self.early.best_epoch, "best_loss": self.early.best,
+                "epochs_run": self.epoch, "loss_curves": str(curve) if curve else None}
