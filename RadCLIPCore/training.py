@@ -261,7 +261,10 @@ class Trainer:
                                        collate_fn=collate, num_workers=config.num_workers)
         self.val_loader = None
         if val_set is not None and len(val_set):
-            sampler = DistributedSampler(val_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=False)
+            # one fixed, seeded shuffle (never set_epoch): validation batches mix labels, as a
+            # contrastive loss needs, and are the same every epoch so losses compare
+            sampler = DistributedSampler(val_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
+                                         seed=config.seed + 1)
             self.val_loader = DataLoader(val_set, batch_size=local_batch, sampler=sampler, collate_fn=collate,
                                          num_workers=config.num_workers)
         self.wrapped = DistributedDataParallel(module) if ctx.distributed else module
@@ -336,7 +339,7 @@ class Trainer:
             return loader
         from tqdm.auto import tqdm
 
-        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
     def _run_loss(self, batch):
         return self.compute_loss(self.wrapped, batch)

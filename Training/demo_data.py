@@ -56,7 +56,7 @@ def _invesalius(path: Path):
         shape = tuple(meta["matrix"]["shape"])
         spacing = tuple(float(s) for s in meta["spacing"])
         arr = np.frombuffer(raw, dtype=meta["matrix"].get("dtype", "int16")).reshape(shape)
-        image = sitk.GetImageFromArray(arr)
+        image = sitk.GetImageFromArray(arr)  # (slices, rows, columns); spacing is given as (x, y, z)
         image.SetSpacing(spacing)
         return image
 
@@ -74,9 +74,11 @@ def find_sources() -> list[Source]:
     ch2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
     if ch2.exists():
         found.append(Source("ch2", "Brain MRI", _read(ch2)))
-    cranium = Path("/usr/share/invesalius/samples/Cranium.inv3")
-    if cranium.exists():
-        found.append(Source("cranium", "Head CT", _invesalius(cranium)))
+    for cranium in (Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3"),
+                    Path("/usr/share/invesalius/samples/Cranium.inv3")):
+        if cranium.exists():
+            found.append(Source("cranium", "Head CT", _invesalius(cranium)))
+            break
     return found
 
 
