@@ -16,6 +16,7 @@ import logging
 import math
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -211,12 +212,6 @@ def _load_base(args, ctx: DistContext):
                       config=args.config, pooling="mean")
 
 
-def _manifests(args):
-    train = read_manifest(args.train_manifest)
-    val = read_manifest(args.val_manifest) if args.val_manifest else None
-    return train, val
-
-
 def _texts(model, samples) -> tuple[dict, torch.Tensor]:
     """Each distinct text embedded once by the frozen text tower: ({text: id}, (U, dim))."""
     unique = sorted({s.text for s in samples})
@@ -252,12 +247,6 @@ def _train_config(args) -> TrainConfig:
                        seed=args.seed, num_workers=args.workers)
 
 
-def _report_bad(manifest: Manifest, ctx):
-    msg = manifest.report()
-    if msg and ctx.main:
-        logging.getLogger("RadCLIPCore").warning(msg)
-
-
 def _card(stage, args, summary, n_train, n_val, extra="") -> str:
     return (f"Trained with RadCLIPSlicer's `{stage}` on {n_train} training and {n_val} validation pairs "
             f"from `{Path(args.train_manifest).name}`; loss `{args.loss}` "
@@ -267,19 +256,51 @@ def _card(stage, args, summary, n_train, n_val, extra="") -> str:
             f"{summary['best_epoch'] + 1}{' (stopped early)' if summary['stopped_early'] else ''}. {extra}")
 
 
+@dataclass
+class _Setup:
+    """What both stages start from: manifests, the base model (frozen), the train/val samples, each
+    distinct text embedded once by the frozen text tower, and the positive group of each text."""
+
+    manifest: Manifest
+    val_manifest: Manifest | None
+    model: object
+    train: list
+    val: list
+    text_index: dict
+    text_emb: torch.Tensor
+    groups: torch.Tensor
+
+    @property
+    def rejects(self) -> Manifest:
+        """Where rows that fail later (unreadable images) are reported."""
+        return self.val_manifest or self.manifest
+
+    def report_bad(self, ctx):
+        for manifest in filter(None, (self.manifest, self.val_manifest)):
+            msg = manifest.report()
+            if msg and ctx.main:
+                logging.getLogger("RadCLIPCore").warning(msg)
+
+
+def _setup(args, ctx) -> _Setup:
+    torch.manual_seed(args.seed)
+    train_m = read_manifest(args.train_manifest)
+    val_m = read_manifest(args.val_manifest) if args.val_manifest else None
+    model = _load_base(args, ctx)
+    model.clip.requires_grad_(False)
+    train_s, val_s = split_samples(train_m, val_m, args.seed)
+    text_index, text_emb = _texts(model, train_s + val_s)
+    groups = positive_groups(text_index, args.normal_pattern)
+    return _Setup(train_m, val_m, model, train_s, val_s, text_index, text_emb.to(ctx.device), groups.to(ctx.device))
+
+
 # --------------------------------------------------------------------------- stage 1
-def run_stage1(args, log=print) -> dict:
+def run_stage1(args) -> dict:
     ctx = setup_distributed(args.device)
     try:
-        torch.manual_seed(args.seed)
-        train_m, val_m = _manifests(args)
-        model = _load_base(args, ctx)
-        train_s, val_s = split_samples(train_m, val_m, args.seed)
-        text_index, text_emb = _texts(model, train_s + val_s)
-        text_emb = text_emb.to(ctx.device)
-        groups = positive_groups(text_index, args.normal_pattern).to(ctx.device)
+        setup = _setup(args, ctx)
+        model, text_emb, groups = setup.model, setup.text_emb, setup.groups
         clip = model.clip
-        clip.requires_grad_(False)
         if args.vision_dropout:
             clip.vision_model.config.attention_dropout = args.vision_dropout
             for layer in clip.vision_model.encoder.layers:
@@ -289,11 +310,9 @@ def run_stage1(args, log=print) -> dict:
         tower.visual_projection.requires_grad_(True)
         if args.grad_checkpointing:
             clip.gradient_checkpointing_enable()
-        train_set = ImageTextDataset(train_s, text_index, model.preprocess, val_m or train_m)
-        val_set = ImageTextDataset(val_s, text_index, model.preprocess, val_m or train_m)
-        _report_bad(train_m, ctx)
-        if val_m is not None:
-            _report_bad(val_m, ctx)
+        train_set = ImageTextDataset(setup.train, setup.text_index, model.preprocess, setup.rejects)
+        val_set = ImageTextDataset(setup.val, setup.text_index, model.preprocess, setup.rejects)
+        setup.report_bad(ctx)
         calibrated = args.loss == "calibrated"
 
         def loss_fn(module, batch):
@@ -329,32 +348,26 @@ def _export(model, args, ctx, card, summary, stage):
 
 
 # --------------------------------------------------------------------------- stage 2
-def run_stage2(args, log=print) -> dict:
+def run_stage2(args) -> dict:
     ctx = setup_distributed(args.device)
     try:
-        torch.manual_seed(args.seed)
-        train_m, val_m = _manifests(args)
-        model = _load_base(args, ctx)
-        model.clip.requires_grad_(False)
-        train_s, val_s = split_samples(train_m, val_m, args.seed)
-        text_index, text_emb = _texts(model, train_s + val_s)
-        text_emb = text_emb.to(ctx.device)
-        groups = positive_groups(text_index, args.normal_pattern).to(ctx.device)
+        setup = _setup(args, ctx)
+        model, text_emb, groups = setup.model, setup.text_emb, setup.groups
         cache = SliceEmbeddingCache(args.cache_dir or Path(args.output) / "embedding_cache", model, args.plane,
                                     args.max_slices)
         # each rank fills the cache for its share of the volumes, then reads the others' shares
-        everything = [("train", s) for s in train_s] + [("val", s) for s in val_s]
-        owner = val_m or train_m
-        loaded = {i: _cached(cache, s, owner) for i, (_, s) in enumerate(everything) if i % ctx.world == ctx.rank}
+        everything = [("train", s) for s in setup.train] + [("val", s) for s in setup.val]
+        loaded = {i: _cached(cache, s, setup.rejects) for i, (_, s) in enumerate(everything)
+                  if i % ctx.world == ctx.rank}
         ctx.barrier()
         items = {"train": [], "val": []}
         for i, (split, s) in enumerate(everything):
-            slices = loaded[i] if i in loaded else _cached(cache, s, owner)
+            slices = loaded[i] if i in loaded else _cached(cache, s, setup.rejects)
             if slices is not None:
-                items[split].append((slices, text_index[s.text]))
-        _report_bad(train_m, ctx)
+                items[split].append((slices, setup.text_index[s.text]))
+        setup.report_bad(ctx)
         if ctx.main:
-            log(f"slice-embedding cache {cache.root}: {cache.computed} computed, {cache.reused} reused")
+            print(f"slice-embedding cache {cache.root}: {cache.computed} computed, {cache.reused} reused")
         dim = model.dim
         adapter = SlicePoolingAdapter(AdapterConfig(dim=dim, num_heads=args.adapter_heads, pos_anchors=args.pos_anchors,
                                                     dropout=args.adapter_dropout))

@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from RadCLIPCore import load_model  # noqa: E402
 from RadCLIPCore.cli import guarded  # noqa: E402
 from RadCLIPCore.data import read_manifest  # noqa: E402
-from RadCLIPCore.errors import RadCLIPError  # noqa: E402
 from RadCLIPCore.pretrain import run_stage1, run_stage2, stage1_parser, stage2_parser  # noqa: E402
 from Training.demo_data import build  # noqa: E402
 
