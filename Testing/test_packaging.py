@@ -29,3 +29,84 @@ def test_wheel_contains_the_bundled_resources(tmp_path):
                    "RadCLIPCore/__main__.py"):
         assert needed in names, needed
     assert not any(n.startswith(("Testing/", "benchmarks/", "tools/")) for n in names)
+
+
+# ---------------------------------------------------------------- the Slicer module, statically
+MODULE = REPO / "RadCLIPSlicer"
+
+
+def _parameter_fields():
+    tree = ast.parse((MODULE / "RadCLIPSlicer.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper"
+                                                  for d in node.decorator_list):
+            return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError("no @parameterNodeWrapper class in RadCLIPSlicer.py")
+
+
+def test_ui_binds_exactly_the_parameter_node_fields():
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(MODULE / "Resources" / "UI" / "RadCLIPSlicer.ui").getroot()
+    bound = [p.find("string").text for p in root.iter("property") if p.get("name") == "SlicerParameterName"]
+    assert len(bound) == len(set(bound)), "a parameter is bound twice"
+    assert set(bound) == _parameter_fields()
+
+
+def _cmake_list(text, name):
+    import re
+
+    match = re.search(rf"set\({name}\s*\n(.*?)\)", text, re.S)
+    assert match, name
+    return [line.strip().replace("${MODULE_NAME}", "RadCLIPSlicer") for line in match.group(1).splitlines()
+            if line.strip()]
+
+
+def test_cmake_lists_every_module_file_and_nothing_else():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    listed = set(_cmake_list(text, "MODULE_PYTHON_SCRIPTS") + _cmake_list(text, "MODULE_PYTHON_RESOURCES"))
+    present = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts and p.name != "CMakeLists.txt"}
+    assert listed == present
+    core = REPO / "RadCLIPCore"
+    bundled = set(_cmake_list(text, "RADCLIPCORE_FILES"))
+    assert bundled == {str(p.relative_to(core)) for p in core.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def test_module_imports_no_heavy_dependency_at_import_time():
+    """torch and RadCLIPCore are installed on first use, never when Slicer loads the module."""
+    tree = ast.parse((MODULE / "RadCLIPSlicer.py").read_text(encoding="utf-8"))
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
+    names |= {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
+    assert not names & {"torch", "transformers", "RadCLIPCore", "RadCLIPSlicerLib", "numpy", "SimpleITK"}
+
+
+def test_extension_metadata_is_consistent():
+    import json
+
+    top = (REPO / "CMakeLists.txt").read_text()
+    assert "add_subdirectory(RadCLIPSlicer)" in top and 'set(EXTENSION_DEPENDS "PyTorch")' in top
+    s4ext = dict(line.split(" ", 1) for line in (REPO / "RadCLIPSlicer.s4ext").read_text().splitlines()
+                 if line.strip() and not line.startswith("#") and " " in line)
+    entry = json.loads((REPO / "RadCLIPSlicer.json").read_text())
+    assert entry["category"] == s4ext["category"] == "Informatics"
+    assert entry["build_dependencies"] == s4ext["depends"].split() == ["PyTorch"]
+    assert entry["scm_url"] == s4ext["scmurl"]
+    from PIL import Image
+
+    assert Image.open(MODULE / "Resources" / "Icons" / "RadCLIPSlicer.png").size == (128, 128)
+
+
+def test_module_requirements_are_valid_and_match_the_package():
+    from packaging.requirements import Requirement
+
+    reqs = [Requirement(line) for line in (MODULE / "Resources" / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    import tomllib
+
+    deps = {Requirement(d).name.lower(): Requirement(d) for d in
+            tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    for r in reqs:
+        assert r.name.lower() in deps and str(r.specifier) == str(deps[r.name.lower()].specifier), r
+    assert "torch" not in {r.name for r in reqs}  # from the PyTorch extension, with the right CUDA build
