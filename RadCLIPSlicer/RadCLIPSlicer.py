@@ -69,7 +69,7 @@ class RadCLIPSlicerParameterNode:
     modelPreset: Annotated[str, Choice(PRESET_LABELS)] = PRESET_LABELS[0]
     modelFolder: str = ""
     offline: bool = False
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    device: Annotated[str, Choice(["auto", "cpu", "cuda:0", "cuda:1", "cuda:2", "cuda:3"])] = "auto"
     plane: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
     maxSlices: Annotated[int, WithinRange(0, 4096)] = 64  # 0 = every slice
     prompts: str = DEFAULT_PROMPTS
@@ -89,6 +89,7 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._worker = None
+        self._plotViewConnected = False
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._poll)
@@ -207,7 +208,20 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Best match: {prompt}. Most attended slice: {slice}.").format(
                 prompt=best, slice=result["embedding"].most_attended_slice)
             self.logic.showResults(self._parameterNode)
+            self._connectPlotClicks()
         self._checkCanRank()
+
+    def _connectPlotClicks(self) -> None:
+        """Clicking a point of the attention chart moves the slice viewers to that slice."""
+        layoutManager = slicer.app.layoutManager()
+        if self._plotViewConnected or layoutManager.plotViewCount == 0:
+            return
+        layoutManager.plotWidget(0).plotView().connect("dataPointClicked(QString,int)", self.onPlotPointClicked)
+        self._plotViewConnected = True
+
+    def onPlotPointClicked(self, plotSeriesNodeID, pointIndex) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not move the slice viewers."), waitCursor=False):
+            self.logic.jumpToSlice(self._parameterNode, int(pointIndex))
 
     def onJumpButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not move the slice viewers."), waitCursor=False):
@@ -366,12 +380,17 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
         slicer.app.applicationLogic().PropagateTableSelection()
         slicer.modules.plots.logic().ShowChartInLayout(p.attentionChart)
 
-    def jumpToMostAttendedSlice(self, p) -> None:
+    def jumpToSlice(self, p, sliceIndex=None) -> None:
+        """Centre the slice viewers on input slice `sliceIndex` (default: the most attended one)."""
         emb = self.mrmlLogic.cachedEmbedding(p.inputVolume, self.loadModel(p), p.plane, p.maxSlices or None)
         if emb is None:
             raise ValueError(_("Rank the prompts first."))
-        ras = self.mrmlLogic.mostAttendedSliceRas(p.inputVolume, emb)
+        index = emb.most_attended_slice if sliceIndex is None else sliceIndex
+        ras = self.mrmlLogic.sliceCentreRas(p.inputVolume, emb, index)
         slicer.modules.markups.logic().JumpSlicesToLocation(*ras, True)
+
+    def jumpToMostAttendedSlice(self, p) -> None:
+        self.jumpToSlice(p)
 
 
 #
