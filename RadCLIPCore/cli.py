@@ -65,6 +65,8 @@ def build_parser():
     embed.add_argument("-o", "--output", required=True, metavar="OUT", help="output file: .npz or .json")
     _model_options(embed)
     embed.set_defaults(func=_cmd_embed)
+    sub.add_parser("evaluate", add_help=False, help="linear probe, image-text matching, zero-shot AUC, retrieval "
+                   "and the encoder x pooling ablation (see: evaluate --help)")
     return parser
 
 
@@ -210,5 +212,10 @@ def guarded(run) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["evaluate"]:
+        from .evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     args = build_parser().parse_args(argv)
     return guarded(lambda: args.func(args))

