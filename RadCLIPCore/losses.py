@@ -67,10 +67,37 @@ def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale, positive_ids:
     Under torch.distributed every rank returns the loss of the whole global batch, and its
     gradient reaches this rank's features, so DDP's averaging gives the single-process gradient.
     """
-    image, text = gather(image), gather(text)
+    positive_ids = gather(positive_ids) if positive_ids is not None else None
+    return contrastive_loss(gather(image), gather(text), logit_scale, positive_ids)
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, positive_ids=None):
+    """The symmetric loss on features already gathered (no communication)."""
     logits = logit_scale * image @ text.t()
     if positive_ids is None:
         labels = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-    targets = same_text_targets(gather(positive_ids)).to(logits.dtype)
+    targets = same_text_targets(positive_ids).to(logits.dtype)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def anatomy_info_nce(image: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, text_ids: torch.Tensor,
+                     normal: torch.Tensor, logit_scale) -> torch.Tensor:
+    """fVLM's per-anatomy contrastive loss with false-negative calibration, summed over anatomies.
+
+    `image`, `text`: (B, A, D) unit-norm per-anatomy features of B studies and A anatomies; `valid`:
+    (B, A) whether the anatomy was found in that study; `text_ids`: (B, A) id of each anatomy text;
+    `normal`: (B, A) whether it is the normal template. For each anatomy, over the (global) batch:
+    pairs with identical texts, or both normal, are positives (row-normalised soft targets); an
+    anatomy contributes only if at least one of its texts in the global batch is abnormal.
+    """
+    image, text = gather(image), gather(text)
+    valid, text_ids, normal = gather(valid), gather(text_ids), gather(normal)
+    total = image.new_zeros(())
+    for a in range(image.shape[1]):
+        rows = valid[:, a]
+        if int(rows.sum()) < 2 or not bool((normal[rows, a] == 0).any()):
+            continue
+        groups = torch.where(normal[rows, a].bool(), torch.full_like(text_ids[rows, a], -1), text_ids[rows, a])
+        total = total + contrastive_loss(image[rows, a], text[rows, a], logit_scale, groups)
+    return total

