@@ -74,6 +74,7 @@ class RadCLIPSlicerParameterNode:
     maxSlices: Annotated[int, WithinRange(0, 4096)] = 64  # 0 = every slice
     prompts: str = DEFAULT_PROMPTS
     outputTable: vtkMRMLTableNode
+    segmentTable: vtkMRMLTableNode
     attentionVolume: vtkMRMLScalarVolumeNode
     attentionChart: vtkMRMLPlotChartNode
 
@@ -205,8 +206,13 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise worker.error
             result = self.logic.finishRanking(self._parameterNode, worker.result)
             best = result["table"].GetCellText(0, 0)
-            self.ui.statusLabel.text = _("Best match: {prompt}. Most attended slice: {slice}.").format(
+            status = _("Best match: {prompt}. Most attended slice: {slice}.").format(
                 prompt=best, slice=result["embedding"].most_attended_slice)
+            missing = result.get("missing_segments")
+            if missing:
+                status += " " + _("Not ranked: {segments}.").format(
+                    segments="; ".join(f"{name} ({why})" for name, why in missing.items()))
+            self.ui.statusLabel.text = status
             self.logic.showResults(self._parameterNode)
             self._connectPlotClicks()
         self._checkCanRank()
@@ -349,9 +355,22 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
         return p.outputTable
 
     def _embedJob(self, p):
+        """MRML reads on this (GUI) thread; the returned job only computes, on the worker thread."""
+        from RadCLIPCore.anatomy import anatomy_embeddings
+        from RadCLIPSlicerLib import volumeFromNode
+
         volumeNode, plane, maxSlices = p.inputVolume, p.plane, (p.maxSlices or None)
         model = self.loadModel(p)
-        return lambda: (model, self.mrmlLogic.embed(volumeNode, model, plane, maxSlices))
+        labels = (self.mrmlLogic.labelMapFromSegmentation(p.inputSegmentation, volumeNode)
+                  if p.inputSegmentation else None)
+
+        def job():
+            emb = self.mrmlLogic.embed(volumeNode, model, plane, maxSlices)
+            anatomy = (anatomy_embeddings(model, volumeFromNode(volumeNode), labels, plane=plane, max_slices=maxSlices)
+                       if labels is not None else None)
+            return model, emb, anatomy
+
+        return job
 
     def startRanking(self, parameterNode) -> _RankingWorker:
         if not self.prompts(parameterNode):
@@ -359,11 +378,17 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
         return _RankingWorker(self._embedJob(parameterNode))
 
     def finishRanking(self, p, result):
-        """`result` = (model, VolumeEmbedding) from the embedding job: rank and fill the outputs."""
-        model, emb = result
-        out = self.mrmlLogic.showResults(p.inputVolume, emb, model.rank(emb, self.prompts(p)), p.outputTable,
+        """`result` = (model, VolumeEmbedding, AnatomyEmbeddings or None) from the embedding job:
+        rank and fill the outputs (and the per-segment table when a segmentation is selected)."""
+        model, emb, anatomy = result
+        prompts = self.prompts(p)
+        out = self.mrmlLogic.showResults(p.inputVolume, emb, model.rank(emb, prompts), p.outputTable,
                                          p.attentionVolume, p.attentionChart)
         p.outputTable, p.attentionVolume, p.attentionChart = out["table"], out["attention"], out["chart"]
+        if anatomy is not None:
+            segments = self.mrmlLogic.showSegmentResults(p.inputVolume, anatomy, model, prompts, p.segmentTable)
+            p.segmentTable = segments["table"]
+            out["missing_segments"] = segments["missing"]
         return out
 
     # ---------------------------------------------------------------- display

