@@ -8,7 +8,8 @@ For each requested label of a label map aligned with the volume:
 3. a slice's anatomy vector is the coverage-weighted mean of its patch vectors, kept when the
    anatomy covers at least `min_patches` patches' worth of area on that slice;
 4. the slices that keep the anatomy are pooled (global average, or the model's slice-pooling
-   adapter) and L2-normalised; a trained per-anatomy projection, when the model has one, applies last.
+   adapter) and L2-normalised; the model's trained per-anatomy projection (`AnatomyHead`), when it
+   has one, applies last.
 Anatomies absent from the mask, or too small to cover a patch on any slice, are reported in
 `missing` with the reason — never returned as zero vectors.
 """
@@ -26,6 +27,34 @@ import torch.nn.functional as F
 from .errors import RadCLIPError
 from .io import Volume, read_volume
 from .preprocessing import PreparedVolume, canonicalize, letterbox, prepare_volume, slices_to_pixels
+
+
+class AnatomyHead(torch.nn.Module):
+    """fVLM's per-anatomy projection into the text space: one affine map per anatomy label
+    (identity-initialised, so an untrained head changes nothing)."""
+
+    def __init__(self, dim: int, labels, names: dict | None = None):
+        super().__init__()
+        self.labels = [int(v) for v in labels]
+        self.names = {int(k): v for k, v in (names or {}).items()}
+        self.index = {v: i for i, v in enumerate(self.labels)}
+        self.weight = torch.nn.Parameter(torch.eye(dim).repeat(len(self.labels), 1, 1))
+        self.bias = torch.nn.Parameter(torch.zeros(len(self.labels), dim))
+
+    def config(self) -> dict:
+        return {"dim": int(self.weight.shape[-1]), "labels": self.labels,
+                "names": {str(k): v for k, v in self.names.items()}}
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, A, D) features of the head's A anatomies, in `labels` order -> (B, A, D) unit norm."""
+        return F.normalize(torch.einsum("bad,ade->bae", feats, self.weight) + self.bias, dim=-1)
+
+    def project(self, label: int, vec: torch.Tensor) -> torch.Tensor:
+        """One anatomy's (D,) vector; labels the head was not trained for pass through."""
+        if int(label) not in self.index:
+            return vec
+        i = self.index[int(label)]
+        return F.normalize(vec.to(self.weight.dtype) @ self.weight[i] + self.bias[i], dim=0)
 
 
 @dataclass
@@ -157,9 +186,9 @@ def anatomy_embeddings(model, volume: Volume, labelmap: LabelMap, labels=None, p
             continue
         stack = torch.stack(per_label[v])[None]
         pooled = model.pool(stack)[0][0] if pooling == "adapter" else F.normalize(stack[0].mean(0), dim=0)
-        projection = getattr(model, "anatomy_projection", None)
-        if projection is not None:
-            pooled = F.normalize(projection(pooled.float()), dim=0)
+        head = getattr(model, "anatomy_head", None)
+        if head is not None:
+            pooled = head.project(v, pooled.float())
         embeddings[v] = pooled.float().cpu().numpy()
         used[v] = sorted(used[v])
     return AnatomyEmbeddings(embeddings, missing, {v: used[v] for v in embeddings},

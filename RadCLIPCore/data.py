@@ -6,7 +6,8 @@ Columns:
   pattern "[body region] [modality] with [condition]" ("Abdomen CT with prostate lesion", "Brain MRI");
 - `split` (train / val / test, optional), `label` (optional);
 - 2D manifests may point at a volume plus `slice` (index along `plane`, counted in the input
-  array's order; plane default auto).
+  array's order; plane default auto);
+- anatomy-level manifests add `mask` (a label map aligned with the volume), and `text` is the report.
 Bad rows (missing file, empty text, bad slice index, unknown split) are collected with their
 reasons — never replaced by placeholders — and the good rows are kept.
 """
@@ -31,6 +32,7 @@ class Sample:
     slice: int | None = None
     plane: str = "auto"
     row: int = 0  # 1-based data row in the manifest, for messages
+    mask: Path | None = None  # label map of the anatomies (anatomy-level training)
 
 
 @dataclass
@@ -132,8 +134,13 @@ def _sample(row: dict, root: Path, n: int):
             return None, f"slice index '{slice_index}' is not a number"
         if slice_index < 0:
             return None, f"slice index {slice_index} is negative"
+    mask = _clean(row.get("mask"))
+    if mask is not None:
+        mask = Path(mask) if Path(mask).is_absolute() else root / mask
+        if not mask.exists():
+            return None, f"mask not found: {row.get('mask')}"
     return Sample(path, text, split.lower() if split else None, _clean(row.get("label")), slice_index,
-                  _clean(row.get("plane")) or "auto", n), None
+                  _clean(row.get("plane")) or "auto", n, mask), None
 
 
 def write_manifest(path, rows: list[dict]):

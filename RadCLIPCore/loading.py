@@ -197,8 +197,19 @@ def _load_radclip_dir(path: Path, kwargs, pooling) -> RadCLIPModel:
             adapter.load_state_dict(load_file(str(adapter_file)))
         except Exception as exc:  # safetensors header errors, shape mismatches
             raise RadCLIPError(f"cannot load '{adapter_file}': {_first_line(exc)}") from None
+    head = None
+    if meta.get("anatomy_head"):
+        from .anatomy import AnatomyHead
+
+        cfg = meta["anatomy_head"]
+        head = AnatomyHead(cfg["dim"], cfg["labels"], {int(k): v for k, v in cfg.get("names", {}).items()})
+        head_file = path / "anatomy_head.safetensors"
+        try:
+            head.load_state_dict(load_file(str(head_file)))
+        except Exception as exc:
+            raise RadCLIPError(f"cannot load '{head_file}': {_first_line(exc)}") from None
     card = (path / "README.md").read_text(encoding="utf-8") if (path / "README.md").exists() else None
-    return RadCLIPModel(base.clip, base.tokenizer, adapter=adapter,
+    return RadCLIPModel(base.clip, base.tokenizer, adapter=adapter, anatomy_head=head,
                         preprocess=PreprocessConfig.from_dict(meta["preprocessing"]),
                         temperature=float(meta["temperature"]), plane=meta.get("plane", "auto"),
                         source=str(path), card=card, **kwargs)
@@ -226,9 +237,12 @@ def save_model(model: RadCLIPModel, path, card: str | None = None, training: dic
             "embedding_dim": model.dim,
             "training": training or {},
         }
-        if model.adapter is not None:
-            state = {k: v.detach().float().cpu().contiguous() for k, v in model.adapter.state_dict().items()}
-            save_file(state, str(tmp / "adapter.safetensors"))
+        for name, module in (("adapter", model.adapter), ("anatomy_head", model.anatomy_head)):
+            if module is not None:
+                state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+                save_file(state, str(tmp / f"{name}.safetensors"))
+        if model.anatomy_head is not None:
+            meta["anatomy_head"] = model.anatomy_head.config()
         (tmp / RADCLIP_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(model, meta, card), encoding="utf-8")
     return path

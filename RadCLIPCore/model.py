@@ -68,12 +68,13 @@ class RadCLIPModel:
     def __init__(self, clip, tokenizer, adapter: SlicePoolingAdapter | None = None,
                  preprocess: PreprocessConfig | None = None, temperature: float | None = None,
                  plane: str = "auto", device="auto", precision="auto", batch_size: int | None = None,
-                 source: str | None = None, card: str | None = None):
+                 source: str | None = None, card: str | None = None, anatomy_head=None):
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
         self.clip = clip.to(self.device, self.dtype).eval()
         self.tokenizer = tokenizer
         self.adapter = adapter.to(self.device, torch.float32).eval() if adapter is not None else None
+        self.anatomy_head = anatomy_head.to(self.device, torch.float32).eval() if anatomy_head is not None else None
         self.preprocess = preprocess or PreprocessConfig(image_size=clip.config.vision_config.image_size)
         if temperature is None:
             temperature = float(1.0 / clip.logit_scale.detach().float().exp())

