@@ -41,6 +41,11 @@ def parser():
     p.add_argument("--templates", nargs="+", default=list(ZERO_SHOT_TEMPLATES), help="zero-shot positive templates")
     p.add_argument("--negative-templates", nargs="+", default=list(NEGATIVE_TEMPLATES))
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the AUC confidence interval")
+    p.add_argument("--lexicon", metavar="JSON", help="anatomy level (fVLM): label value -> names and synonyms")
+    p.add_argument("--findings", metavar="JSON", help='anatomy level: label value -> findings, e.g. {"5": ["lesion"]}; '
+                   "with --lexicon and a manifest 'mask' column, adds zero-shot AUC per anatomy and finding")
+    p.add_argument("--label-names", metavar="CSV", help="anatomy names for the prompts (id,structure columns)")
+    p.add_argument("--min-patches", type=float, default=1.0, help="anatomy level: minimum patch coverage per slice")
     p.add_argument("--cache-dir", help="slice-embedding cache (default <output>/embedding_cache)")
     p.add_argument("--config", help="architecture of .pth models")
     p.add_argument("--device", default="auto")
@@ -76,6 +81,11 @@ def run(args, log=print) -> dict:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, details = [], {}
+    anatomy_mode = bool(args.lexicon or args.findings)
+    if anatomy_mode and not (args.lexicon and args.findings):
+        raise RadCLIPError("anatomy-level evaluation needs both --lexicon and --findings")
+    if anatomy_mode:
+        return _run_anatomy(args, samples, out_dir, log, load_model)
     for name, src in _models(args.model):
         model = load_model(src, device=args.device, offline=True if args.offline else None, config=args.config)
         cache = SliceEmbeddingCache(args.cache_dir or out_dir / "embedding_cache", model, model.plane, None)
@@ -121,6 +131,45 @@ def run(args, log=print) -> dict:
     log(table)
     log(f"\nwritten to {out_dir}: ablation.md, ablation.csv, results.json, roc_*.png, confusion_*.png, "
         "modality_recognition.png")
+    return {"rows": rows, "table": table}
+
+
+def _run_anatomy(args, samples, out_dir, log, load_model) -> dict:
+    """Zero-shot AUC per anatomy and finding, for every model (fVLM's evaluation)."""
+    from .anatomy import read_label_names, read_labelmap
+    from .evaluation import anatomy_zero_shot
+    from .io import read_volume
+    from .reports import read_lexicon
+
+    lexicon = read_lexicon(args.lexicon)
+    findings = {int(k): list(v) for k, v in read_lexicon(args.findings).items()}
+    unknown = sorted(set(findings) - set(lexicon))
+    if unknown:
+        raise RadCLIPError(f"--findings names labels {unknown} that the lexicon does not")
+    if any(s.mask is None for s in samples):
+        raise RadCLIPError("anatomy-level evaluation needs a 'mask' column in every manifest row")
+    names = read_label_names(args.label_names) if args.label_names else {}
+    studies = [(read_volume(s.image), read_labelmap(s.mask, names), s.text) for s in samples]
+    rows, details = [], {}
+    for name, src in _models(args.model):
+        model = load_model(src, device=args.device, offline=True if args.offline else None, config=args.config)
+        out = anatomy_zero_shot(model, studies, lexicon, findings, names, min_patches=args.min_patches,
+                                n_boot=args.bootstrap, seed=args.seed)
+        details[name] = {k: v for k, v in out.items() if k not in ("scores", "truth")}
+        for finding, auc in out["per_finding"].items():
+            rows.append({"model": name, "finding": finding, "auc": auc})
+        rows.append({"model": name, "finding": "macro", "auc": out["macro_auc"],
+                     "ci_low": out["ci95"][0], "ci_high": out["ci95"][1]})
+    lines = ["| Model | Anatomy: finding | Zero-shot AUC |", "|---|---|---|"]
+    for r in rows:
+        ci = f" ({r['ci_low']:.3f}–{r['ci_high']:.3f})" if "ci_low" in r else ""
+        lines.append(f"| {r['model']} | {r['finding']} | {r['auc']:.3f}{ci} |")
+    table = "\n".join(lines)
+    atomic_write_text(out_dir / "anatomy_zero_shot.md", table + "\n")
+    atomic_write_text(out_dir / "anatomy_zero_shot.json", json.dumps({"rows": rows, "details": details,
+                                                                     "studies": len(studies)}, indent=2) + "\n")
+    log(table)
+    log(f"\nwritten to {out_dir}: anatomy_zero_shot.md, anatomy_zero_shot.json")
     return {"rows": rows, "table": table}
 
 

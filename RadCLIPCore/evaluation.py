@@ -199,3 +199,85 @@ def auc_with_ci(labels, scores, classes, n_boot=1000, seed=0) -> dict:
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return {"per_class": per_class, "macro_auc": float(np.mean(list(per_class.values()))),
             "ci95": [float(lo), float(hi)], "bootstrap": n_boot}
+
+
+# --------------------------------------------------------------------------- zero-shot per anatomy (fVLM)
+NEGATION = ("no", "without", "negative for", "free of", "absence of", "resolved")
+
+
+def finding_truth(report: str, lexicon: dict, findings: dict) -> dict:
+    """{(label, finding): 0/1}: 1 when a sentence about the anatomy names the finding (whole word)
+    and no negation cue (no, without, negative for, ...) precedes it in that sentence."""
+    import re
+
+    from .reports import assign_sentences, split_sentences
+
+    assigned = assign_sentences(split_sentences(report), lexicon)
+    truth = {}
+    for label, words in findings.items():
+        for finding in words:
+            rx = re.compile(r"\b" + re.escape(finding) + r"\b", re.IGNORECASE)
+            hit = 0
+            for sentence in assigned.get(label, []):
+                m = rx.search(sentence)
+                if m and not any(re.search(r"\b" + re.escape(cue) + r"\b", sentence[:m.start()], re.IGNORECASE)
+                                 for cue in NEGATION):
+                    hit = 1
+            truth[(label, finding)] = hit
+    return truth
+
+
+def anatomy_zero_shot(model, studies, lexicon: dict, findings: dict, names: dict | None = None,
+                      templates=("{finding} in the {anatomy}.",), negatives=("No {finding} in the {anatomy}.",),
+                      min_patches=1.0, n_boot=1000, seed=0) -> dict:
+    """Per anatomy and finding: P("finding in anatomy" over "no finding in anatomy") from the
+    anatomy embedding of each study; ROC AUC per finding (where both outcomes occur), macro AUC and
+    a bootstrap 95% CI over studies. `studies`: (volume, LabelMap, report) triples."""
+    _sklearn()
+    from sklearn.metrics import roc_auc_score
+
+    from .anatomy import anatomy_embeddings
+
+    names = names or {}
+    keys = [(label, f) for label, words in findings.items() for f in words]
+    scores = {k: [] for k in keys}
+    truth = {k: [] for k in keys}
+    skipped = {}
+    for volume, labelmap, report in studies:
+        emb = anatomy_embeddings(model, volume, labelmap, labels=sorted(findings), min_patches=min_patches)
+        facts = finding_truth(report, lexicon, findings)
+        for label, finding in keys:
+            if label not in emb.embeddings:
+                skipped[(label, finding)] = skipped.get((label, finding), 0) + 1
+                continue
+            anatomy = (names.get(label) or lexicon[label][0]).replace("_", " ")
+            pos = model.embed_texts([t.format(finding=finding, anatomy=anatomy) for t in templates]).mean(0)
+            neg = model.embed_texts([t.format(finding=finding, anatomy=anatomy) for t in negatives]).mean(0)
+            pair = np.stack([pos / np.linalg.norm(pos), neg / np.linalg.norm(neg)])
+            logits = torch.from_numpy(pair @ emb.embeddings[label] / model.temperature)
+            scores[(label, finding)].append(float(torch.softmax(logits.double(), 0)[0]))
+            truth[(label, finding)].append(facts[(label, finding)])
+    per_finding, usable = {}, []
+    for k in keys:
+        if 0 < sum(truth[k]) < len(truth[k]):
+            per_finding[f"{names.get(k[0]) or lexicon[k[0]][0]}: {k[1]}"] = float(roc_auc_score(truth[k], scores[k]))
+            usable.append(k)
+    if not usable:
+        raise RadCLIPError("no finding occurs both present and absent in these reports; zero-shot AUC is undefined")
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        vals = []
+        for k in usable:
+            idx = rng.integers(0, len(truth[k]), len(truth[k]))
+            t = np.asarray(truth[k])[idx]
+            if 0 < t.sum() < len(t):
+                vals.append(roc_auc_score(t, np.asarray(scores[k])[idx]))
+        if vals:
+            boots.append(np.mean(vals))
+    lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else (float("nan"), float("nan"))
+    return {"per_finding": per_finding, "macro_auc": float(np.mean(list(per_finding.values()))),
+            "ci95": [float(lo), float(hi)], "positives": {f"{k[0]}: {k[1]}": int(sum(truth[k])) for k in keys},
+            "skipped": {f"{k[0]}: {k[1]}": n for k, n in skipped.items()}, "scores": {f"{k[0]}: {k[1]}": scores[k]
+                                                                                      for k in keys},
+            "truth": {f"{k[0]}: {k[1]}": truth[k] for k in keys}}

@@ -166,3 +166,59 @@ def torch_equal_identity(weight):
     import torch
 
     return all(torch.equal(w, torch.eye(w.shape[0])) for w in weight.detach())
+
+
+def test_finding_truth_from_reports():
+    from RadCLIPCore.evaluation import finding_truth
+
+    lexicon = {5: ["liver"], 14: ["right lower lobe"]}
+    findings = {5: ["lesion"], 14: ["nodule"]}
+    assert finding_truth("The liver shows a lesion. Right lower lobe is clear.", lexicon, findings) == {
+        (5, "lesion"): 1, (14, "nodule"): 0}
+    assert finding_truth("No lesion in the liver. Right lower lobe without nodule.", lexicon, findings) == {
+        (5, "lesion"): 0, (14, "nodule"): 0}
+    assert finding_truth("Nodule in the right lower lobe.", lexicon, findings)[(14, "nodule")] == 1
+
+
+def test_zero_shot_per_anatomy_is_sklearns_auc(studies, mean_model):
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    from RadCLIPCore.evaluation import anatomy_zero_shot
+
+    rows = list(csv.DictReader(open(studies / "studies.csv")))
+    triples = [(read_volume(studies / r["image"]), read_labelmap(studies / r["mask"]), r["text"]) for r in rows]
+    out = anatomy_zero_shot(mean_model, triples, {5: ["liver", "hepatic"], 14: ["right lower lobe"]},
+                            {5: ["lesion"], 14: ["nodule"]}, names={5: "liver", 14: "right lower lobe"},
+                            min_patches=0.25, n_boot=100)
+    assert out["positives"] == {"5: lesion": 2, "14: nodule": 2}
+    for key, name in (("5: lesion", "liver: lesion"), ("14: nodule", "right lower lobe: nodule")):
+        assert out["per_finding"][name] == roc_auc_score(out["truth"][key], out["scores"][key])
+    assert out["macro_auc"] == pytest.approx(np.mean(list(out["per_finding"].values())))
+    assert out["ci95"][0] <= out["ci95"][1]
+
+
+def test_evaluate_anatomy_level(studies, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from RadCLIPCore import RadCLIPModel, save_model
+    from RadCLIPCore.encoders import bundled_tokenizer, new_clip_model
+
+    tok = bundled_tokenizer()
+    save_model(RadCLIPModel(new_clip_model("clip-tiny", tok, seed=0), tok), tmp_path / "m")
+    (tmp_path / "findings.json").write_text(json.dumps({"5": ["lesion"], "14": ["nodule"]}))
+    res = subprocess.run([sys.executable, "-m", "RadCLIPCore", "evaluate", "--manifest", str(studies / "studies.csv"),
+                          "--model", f"tiny={tmp_path / 'm'}", "--lexicon", str(studies / "lexicon.json"),
+                          "--findings", str(tmp_path / "findings.json"), "--min-patches", "0.25", "--bootstrap", "50",
+                          "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert "| tiny | liver: lesion |" in res.stdout and "| tiny | macro |" in res.stdout
+    rows = json.loads((tmp_path / "out" / "anatomy_zero_shot.json").read_text())["rows"]
+    assert [r["finding"] for r in rows] == ["liver: lesion", "right lower lobe: nodule", "macro"]
