@@ -245,8 +245,13 @@ def prepare_image(volume: Volume, config=PreprocessConfig(), unit=False) -> torc
 def prepare_slice(volume: Volume, index: int, plane="auto", config=PreprocessConfig()) -> torch.Tensor:
     """Slice `index` of a volume (counted along `plane` in the input array's order, as
     `VolumeEmbedding.slice_weights`) -> `(1, 1, size, size)` in [0, 1], z-scored over the volume."""
-    prepared = prepare_volume(volume, plane, None, config)
+    return slice_unit(prepare_volume(volume, plane, None, config), index)
+
+
+def slice_unit(prepared: PreparedVolume, index: int) -> torch.Tensor:
+    """Input slice `index` of an already prepared volume -> `(1, 1, size, size)` in [0, 1] (prepare
+    a volume once when many of its slices are needed)."""
     if not 0 <= index < prepared.n_slices:
         raise RadCLIPError(f"slice {index} is outside the volume's {prepared.n_slices} {prepared.plane} slices")
     canonical = prepared.input_index(index)  # the mapping is its own inverse
-    return slices_to_unit(prepared.slices([canonical]), prepared.stats, prepared.pixel_spacing, config)
+    return slices_to_unit(prepared.slices([canonical]), prepared.stats, prepared.pixel_spacing, prepared.config)

@@ -29,7 +29,7 @@ from .errors import RadCLIPError
 from .fileutil import atomic_path
 from .io import read_volume
 from .losses import info_nce
-from .preprocessing import PLANES, prepare_image, prepare_slice, unit_to_clip
+from .preprocessing import PLANES, prepare_image, prepare_volume, slice_unit, unit_to_clip
 from .training import DistContext, TrainConfig, Trainer, setup_distributed, teardown_distributed
 
 LOSSES = ("calibrated", "infonce")
@@ -94,15 +94,16 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples, text_index: dict, config, manifest: Manifest):
         self.items, self.config = [], config
-        volumes = {}
+        prepared = {}
         for s in samples:
             try:
                 if s.slice is None:
                     unit = prepare_image(read_volume(s.image), config, unit=True)
                 else:
-                    if s.image not in volumes:
-                        volumes = {s.image: read_volume(s.image)}  # manifests list a volume's slices together
-                    unit = prepare_slice(volumes[s.image], s.slice, s.plane, config)
+                    key = (s.image, s.plane)
+                    if key not in prepared:  # read and z-score a volume once for all its listed slices
+                        prepared = {key: prepare_volume(read_volume(s.image), s.plane, None, config)}
+                    unit = slice_unit(prepared[key], s.slice)
             except RadCLIPError as exc:
                 manifest.reject(s, str(exc))
                 continue
