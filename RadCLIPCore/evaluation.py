@@ -167,14 +167,18 @@ def zero_shot_scores(model, features: np.ndarray, classes, templates=ZERO_SHOT_T
                      negatives=NEGATIVE_TEMPLATES) -> np.ndarray:
     """(N, classes) probability of "X" over "No X": prompt embeddings averaged over templates,
     softmax of the pair's cosines / temperature."""
-    scores = []
-    for c in classes:
-        pos = model.embed_texts([t.format(c) for t in templates]).mean(0)
-        neg = model.embed_texts([t.format(c) for t in negatives]).mean(0)
-        pair = np.stack([pos / np.linalg.norm(pos), neg / np.linalg.norm(neg)])
-        logits = torch.from_numpy(features @ pair.T / model.temperature)
-        scores.append(torch.softmax(logits.double(), dim=1)[:, 0].numpy())
+    scores = [positive_probability(model, features, [t.format(c) for t in templates], [t.format(c) for t in negatives])
+              for c in classes]
     return np.stack(scores, axis=1)
+
+
+def positive_probability(model, features: np.ndarray, positives, negatives) -> np.ndarray:
+    """(N, dim) features -> (N,) P(positive): the positive and the negative prompts are each averaged
+    (then re-normalised), and the softmax of the two cosines / temperature is taken."""
+    pos, neg = model.embed_texts(list(positives)).mean(0), model.embed_texts(list(negatives)).mean(0)
+    pair = np.stack([pos / np.linalg.norm(pos), neg / np.linalg.norm(neg)])
+    logits = torch.from_numpy(np.atleast_2d(features) @ pair.T / model.temperature)
+    return torch.softmax(logits.double(), dim=1)[:, 0].numpy()
 
 
 def auc_with_ci(labels, scores, classes, n_boot=1000, seed=0) -> dict:
@@ -251,11 +255,10 @@ def anatomy_zero_shot(model, studies, lexicon: dict, findings: dict, names: dict
                 skipped[(label, finding)] = skipped.get((label, finding), 0) + 1
                 continue
             anatomy = (names.get(label) or lexicon[label][0]).replace("_", " ")
-            pos = model.embed_texts([t.format(finding=finding, anatomy=anatomy) for t in templates]).mean(0)
-            neg = model.embed_texts([t.format(finding=finding, anatomy=anatomy) for t in negatives]).mean(0)
-            pair = np.stack([pos / np.linalg.norm(pos), neg / np.linalg.norm(neg)])
-            logits = torch.from_numpy(pair @ emb.embeddings[label] / model.temperature)
-            scores[(label, finding)].append(float(torch.softmax(logits.double(), 0)[0]))
+            fill = dict(finding=finding, anatomy=anatomy)
+            p = positive_probability(model, emb.embeddings[label], [t.format(**fill) for t in templates],
+                                     [t.format(**fill) for t in negatives])
+            scores[(label, finding)].append(float(p[0]))
             truth[(label, finding)].append(facts[(label, finding)])
     per_finding, usable = {}, []
     for k in keys:
