@@ -16,11 +16,29 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RadCLIPError
-from .fileutil import atomic_path, atomic_write_text
+from .fileutil import atomic_path, atomic_write_text, check_output_file
 from .io import IMAGE_SUFFIXES, _looks_like_dicom, check_readable, read_volume
 from .preprocessing import PLANES, check_volume_shape
 
 EXIT_USER_ERROR = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line and exit 2, like every other user error."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {' '.join(message.split())} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _model_options(p):
@@ -38,13 +56,13 @@ def _model_options(p):
                    help="slice pooling (default: the model's adapter if it has one, else mean)")
     p.add_argument("--plane", default=None, choices=("auto",) + PLANES,
                    help="slice plane (default: the model's policy, usually auto = acquisition plane)")
-    p.add_argument("--max-slices", type=int, default=None, metavar="N",
+    p.add_argument("--max-slices", type=positive_int, default=None, metavar="N",
                    help="embed at most N evenly spaced slices (faster on CPU)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="slices per encoder batch")
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="N", help="slices per encoder batch")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m RadCLIPCore",
+    parser = OneLineParser(prog="python -m RadCLIPCore",
                                      description="Radiology vision-language models (RadCLIP) on the command line.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -78,6 +96,10 @@ def _read_prompts(args) -> list[str]:
             text = path.read_bytes().decode("utf-8-sig")
         except FileNotFoundError:
             raise RadCLIPError(f"prompts file not found: {path}") from None
+        except IsADirectoryError:
+            raise RadCLIPError(f"prompts file '{path}' is a folder; give a text file, one prompt per line") from None
+        except OSError as exc:
+            raise RadCLIPError(f"cannot read prompts file '{path}': {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:
             raise RadCLIPError(f"prompts file '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
         prompts += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -117,6 +139,8 @@ def _cmd_rank(args) -> int:
     prompts = _read_prompts(args)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise RadCLIPError(f"--plot needs a .png file name, got '{args.plot}'")
+    if args.plot:
+        check_output_file(args.plot, "--plot file")  # before the embedding, not after it
     model, volume, emb, vec = _embed(args)
     ranked = model.rank(vec, prompts)
     if args.plot:
@@ -133,7 +157,7 @@ def _cmd_rank(args) -> int:
                "most_attended_slice": emb.most_attended_slice if emb else None,
                "pooling": emb.pooling if emb else None,
                "model": model.source}
-        print(json.dumps(out))
+        print(json.dumps(out, allow_nan=False))  # rank() refuses NaN; strict JSON all the same
         return 0
     where = (f"{emb.plane} plane, {len(emb.slice_weights)} slices along input axis {emb.slice_axis} "
              f"({len(emb.sampled_slices)} embedded), {emb.pooling} pooling, most attended slice {emb.most_attended_slice}"
@@ -153,6 +177,7 @@ def _cmd_embed(args) -> int:
     suffix = out.suffix.lower()
     if suffix not in (".npz", ".json"):
         raise RadCLIPError(f"output must end in .npz or .json, got '{out.name}'")
+    check_output_file(out)  # before the embedding, not after it
     model, _, emb, vec = _embed(args)
     record = {"embedding": vec, "model": model.source}
     if emb is not None:
@@ -160,7 +185,7 @@ def _cmd_embed(args) -> int:
                       sampled_slices=emb.sampled_slices, slice_embeddings=emb.slice_embeddings, pooling=emb.pooling)
     if suffix == ".json":
         atomic_write_text(out, json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v
-                                           for k, v in record.items()}) + "\n")
+                                           for k, v in record.items()}, allow_nan=False) + "\n")
     else:
         buf = _io.BytesIO()
         np.savez(buf, **{k: np.asarray(v) for k, v in record.items()})

@@ -20,13 +20,15 @@ from .data import read_manifest
 from .errors import RadCLIPError
 from .evaluation import (DISTRACTORS, NEGATIVE_TEMPLATES, ZERO_SHOT_TEMPLATES, auc_with_ci, extract_features,
                          linear_probe, matching_top1, retrieval_recall, zero_shot_scores)
-from .fileutil import atomic_write_text
+from .fileutil import atomic_write_text, check_output_dir
 
 POOLING_NAMES = {"mean": "global average pooling", "adapter": "slice-pooling adapter", "image": "2D image"}
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="evaluate", description="RadCLIP evaluation: linear probe, top-1 image-text "
+    from .cli import OneLineParser
+
+    p = OneLineParser(prog="evaluate", description="RadCLIP evaluation: linear probe, top-1 image-text "
                                 "matching, zero-shot AUC, retrieval, and the encoder x pooling ablation.")
     p.add_argument("--manifest", required=True, metavar="CSV|JSONL", help="image,text[,label] rows (all are used)")
     p.add_argument("--model", action="append", default=[], metavar="NAME=SRC",
@@ -78,14 +80,17 @@ def run(args, log=print) -> dict:
     if manifest.bad:
         logging.getLogger("RadCLIPCore").warning(manifest.report())
     samples = manifest.samples
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(args.output)  # before any model is loaded or volume embedded
     rows, details = [], {}
     anatomy_mode = bool(args.lexicon or args.findings)
     if anatomy_mode and not (args.lexicon and args.findings):
         raise RadCLIPError("anatomy-level evaluation needs both --lexicon and --findings")
     if anatomy_mode:
         return _run_anatomy(args, samples, out_dir, log, load_model)
+    classes = sorted({s.label or s.text for s in samples})
+    if len(classes) < 2:
+        raise RadCLIPError(f"the manifest has one class ('{classes[0]}') in its {len(samples)} usable rows; "
+                           "evaluation compares classes: give rows with at least two labels or texts")
     for name, src in _models(args.model):
         model = load_model(src, device=args.device, offline=True if args.offline else None, config=args.config)
         cache = SliceEmbeddingCache(args.cache_dir or out_dir / "embedding_cache", model, model.plane, None)

@@ -47,3 +47,38 @@ def atomic_write_bytes(target, data: bytes):
 
 def atomic_write_text(target, text: str):
     atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def check_output_dir(path, what="output folder") -> Path:
+    """Create `path` if needed and prove we can write there — before any long computation runs.
+
+    Raises RadCLIPError naming the folder when it cannot be created (a parent is a file, no
+    permission, read-only disk) or cannot be written.
+    """
+    from .errors import RadCLIPError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".radclip-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise RadCLIPError(f"{what} '{path}' is a file, not a folder") from None
+    except NotADirectoryError:
+        raise RadCLIPError(f"{what} '{path}' cannot be created: a part of its path is a file") from None
+    except OSError as exc:
+        raise RadCLIPError(f"{what} '{path}' is not writable ({exc.strerror or exc})") from None
+    return path
+
+
+def check_output_file(path, what="output file") -> Path:
+    """The folder that will receive `path` exists (or can be made) and is writable, and `path`
+    itself is not a folder; checked before the work that produces the file."""
+    from .errors import RadCLIPError
+
+    path = Path(path)
+    if path.is_dir():
+        raise RadCLIPError(f"{what} '{path}' is a folder; give a file name")
+    check_output_dir(path.parent if str(path.parent) else Path("."), f"the folder of the {what}")
+    return path

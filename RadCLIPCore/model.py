@@ -31,6 +31,7 @@ log = logging.getLogger("RadCLIPCore")
 
 VOLUME_CACHE_SIZE = 8
 TEXT_CACHE_SIZE = 4096
+TEXT_BATCH_SIZE = 256  # texts per text-tower forward
 
 
 @dataclass
@@ -84,7 +85,7 @@ class RadCLIPModel:
         if plane != "auto" and plane not in PLANES:
             raise RadCLIPError(f"unknown plane policy '{plane}'")
         self.plane = plane
-        self.batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
+        self.batch_size = _positive_int(batch_size, "batch size") or (64 if self.device.type == "cuda" else 16)
         self.source = source
         self.card = card
         self._volumes: OrderedDict = OrderedDict()
@@ -125,7 +126,8 @@ class RadCLIPModel:
         `spacing` (i, j, k) in mm and an LPS `direction`. `plane=None` uses the model's plane policy.
         """
         plane = plane or self.plane
-        settings = (plane, None if max_slices is None else int(max_slices))
+        _positive_int(batch_size, "batch size")  # checked before any reading or encoding
+        settings = (plane, _positive_int(max_slices, "max slices"))
         path_key = _path_key(source, settings)
         if path_key is not None and path_key in self._volumes:
             return self._cache_hit(path_key)
@@ -151,7 +153,7 @@ class RadCLIPModel:
         The one path from a volume to per-slice embeddings: inference and the stage-2 cache use it.
         """
         prepared = prepare_volume(volume, plane or self.plane, max_slices, self.preprocess)
-        batch_size = int(batch_size or self.batch_size)
+        batch_size = _positive_int(batch_size, "batch size") or self.batch_size
         batches = _prefetched(prepared.pixel_batches(batch_size))
         if progress:
             from tqdm.auto import tqdm
@@ -163,6 +165,7 @@ class RadCLIPModel:
     def _embed_volume(self, volume: Volume, plane, max_slices, batch_size, progress) -> VolumeEmbedding:
         prepared, slices = self.slice_embeddings(volume, plane, max_slices, batch_size, progress)
         embedding, weights = self.pool(slices.unsqueeze(0))
+        self._finite(torch.cat([embedding.flatten(), weights.flatten()]).float().cpu().numpy())
         order = slice(None, None, -1) if prepared.canonical.flipped[prepared.axis] else slice(None)
         sampled_input = np.array([prepared.input_index(int(c)) for c in prepared.sampled])
         return VolumeEmbedding(
@@ -179,18 +182,29 @@ class RadCLIPModel:
     def embed_image(self, source, spacing=None) -> np.ndarray:
         """A 2D image (path, `Volume` one slice thick, or `(rows, cols)` array) -> (dim,) unit norm."""
         volume = as_volume(source, spacing)
-        return self.encode_pixels(prepare_image(volume, self.preprocess))[0].cpu().numpy()
+        return self._finite(self.encode_pixels(prepare_image(volume, self.preprocess))[0].cpu().numpy())
+
+    def _finite(self, values: np.ndarray) -> np.ndarray:
+        """Never hand out a NaN as a result: a broken model (weights, preprocessing) says so."""
+        if not np.all(np.isfinite(values)):
+            raise RadCLIPError(f"model '{self.source}' produced non-finite values (NaN/Inf) for this input; "
+                               "its weights or preprocessing settings are broken")
+        return values
 
     # ----------------------------------------------------------------- texts
     def embed_texts(self, texts) -> np.ndarray:
         """(k, dim) float32 unit-norm text embeddings; each distinct text is encoded once."""
         texts = _check_prompts(texts)
-        missing = list(dict.fromkeys(t for t in texts if t not in self._texts))
-        if missing:
-            feats = self._encode_texts(missing)
-            for text, vec in zip(missing, feats):
-                self._remember(self._texts, text, vec, TEXT_CACHE_SIZE)
-        return np.stack([self._texts[t] for t in texts])
+        # this call's vectors are held here, not read back from the bounded cache: a call with more
+        # distinct texts than the cache holds (report-level manifests) must not lose its own texts
+        found = {t: self._texts[t] for t in dict.fromkeys(texts) if t in self._texts}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        for start in range(0, len(missing), TEXT_BATCH_SIZE):  # bounded memory for tens of thousands
+            chunk = missing[start:start + TEXT_BATCH_SIZE]
+            found.update(zip(chunk, self._encode_texts(chunk)))
+        for text in missing:
+            self._remember(self._texts, text, found[text], TEXT_CACHE_SIZE)
+        return np.stack([found[t] for t in texts])
 
     @torch.inference_mode()
     def _encode_texts(self, texts) -> np.ndarray:
@@ -216,6 +230,7 @@ class RadCLIPModel:
             raise RadCLIPError(f"expected an embedding of shape ({self.dim},), got {vec.shape}")
         cosines = self.embed_texts(prompts) @ vec.astype(np.float32)
         probs = torch.softmax(torch.from_numpy(cosines.astype(np.float64)) / self.temperature, dim=0).numpy()
+        self._finite(np.concatenate([cosines, probs]))
         order = np.argsort(-cosines, kind="stable")
         return [RankedPrompt(prompts[i], float(probs[i]), float(cosines[i])) for i in order]
 
@@ -268,6 +283,19 @@ def _prefetched(batches, depth=2):
     finally:
         stop.set()
         worker.join()
+
+
+def _positive_int(value, name):
+    """None stays None (use the default); anything else must be a whole number >= 1."""
+    if value is None:
+        return None
+    try:
+        whole = not isinstance(value, bool) and float(value).is_integer() and int(value) >= 1
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise RadCLIPError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return int(value)
 
 
 def _shorten(text, n=60):

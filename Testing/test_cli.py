@@ -95,6 +95,8 @@ def bad_files(tmp_path_factory, chest_ct):
     (d / "empty.txt").write_text("# nothing\n\n")
     (d / "evil.pth").write_bytes(__import__("pickle").dumps(type("E", (), {"__reduce__": lambda s: (print, ("x",))})()))
     (d / "model-no-files").mkdir()
+    (d / "afile").write_text("a file where a folder is expected")
+    (d / "adir.npz").mkdir()
     return d
 
 
@@ -113,7 +115,15 @@ BAD = [
     (["rank", "{ct}", "--prompt", "x", "--model", "{d}/model-no-files"], "missing config.json"),
     (["rank", "{ct}", "--prompt", "x", "--model", "{d}/evil.pth"], "refusing to load"),
     (["rank", "{ct}", "--prompt", "x", "--model", "openai/clip-vit-large-patch14", "--offline"], "hf download"),
-    (["rank", "{ct}", "--prompt", "x", "--max-slices", "0"], "max_slices"),
+    (["rank", "{ct}", "--prompt", "x", "--max-slices", "0"], "--max-slices: must be at least 1"),
+    (["rank", "{ct}", "--prompt", "x", "--batch-size", "-1"], "--batch-size: must be at least 1"),
+    (["rank", "{ct}", "--prompt", "x", "--batch-size", "two"], "'two' is not a whole number"),
+    (["rank", "{ct}", "--prompts-file", "{d}"], "is a folder"),
+    (["rank", "{ct}", "--prompt", "x", "--plot", "{d}/afile/plot.png"], "is a file"),
+    (["embed", "{ct}", "-o", "{d}/afile/out.npz"], "is a file"),
+    (["embed", "{ct}", "-o", "{d}/adir.npz"], "is a folder"),
+    (["rank"], "the following arguments are required: VOLUME"),
+    (["rank", "{ct}", "--prompt", "x", "--pooling", "max"], "invalid choice: 'max'"),
     (["rank", "{ct}", "--prompt", "x", "--plot", "{d}/plot.jpg"], ".png"),
     (["embed", "{ct}", "-o", "{d}/out.csv"], ".npz or .json"),
 ]
@@ -122,11 +132,21 @@ BAD = [
 @pytest.mark.parametrize("args,message", BAD, ids=[m for _, m in BAD])
 def test_bad_input_is_one_line_and_exit_2(args, message, bad_files, radclip_dir, chest_ct, capsys):
     argv = [a.format(d=bad_files, ct=chest_ct) for a in args]
-    if "--model" not in argv:
+    if "--model" not in argv and len(argv) > 1:
         argv += ["--model", str(radclip_dir)]
-    assert main(argv) == 2
+    before = sorted(p.name for p in bad_files.rglob("*"))
+    assert exit_status(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert sorted(p.name for p in bad_files.rglob("*")) == before  # no partial output left behind
+
+
+def exit_status(argv) -> int:
+    """main()'s status, also when argparse leaves through SystemExit (usage errors)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
 
 
 def test_constant_volume_and_long_prompt_work(bad_files, radclip_dir, capsys):
@@ -143,5 +163,6 @@ def test_bad_input_in_a_real_subprocess_has_no_traceback(bad_files, radclip_dir)
         res = run_cli(*args)
         assert res.returncode == 2
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
-    res = run_cli("rank")  # argparse usage error
-    assert res.returncode == 2 and "usage:" in res.stderr
+    res = run_cli("rank")  # argparse usage error: one line too
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: python -m RadCLIPCore rank: the following arguments are required: VOLUME (see --help)"]

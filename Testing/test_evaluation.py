@@ -127,3 +127,25 @@ def test_evaluate_bad_inputs(demo, hf_dir, tmp_path):
                          timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: class 'Chest CT'")
+
+
+def test_evaluate_user_errors_are_found_before_any_work(demo, hf_dir, tmp_path, capsys):
+    """One class in the manifest, an output path under a file: exit 2 and one line, nothing embedded."""
+    import csv
+
+    from RadCLIPCore.cli import main
+    from RadCLIPCore.data import write_manifest
+
+    _, _, volumes = demo
+    rows = [r for r in csv.DictReader(open(volumes)) if r["text"] == "Brain MRI"][:6]
+    one = tmp_path / "one-class.csv"
+    write_manifest(one, [{**r, "image": str(volumes.parent / r["image"])} for r in rows])
+    assert main(["evaluate", "--manifest", str(one), "--model", f"base={hf_dir}", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one class ('Brain MRI')" in err[0], err
+    assert not (tmp_path / "o" / "embedding_cache").exists()  # refused before any feature was extracted
+    (tmp_path / "blocker").write_text("a file")
+    assert main(["evaluate", "--manifest", str(volumes), "--model", f"base={hf_dir}",
+                 "--output", str(tmp_path / "blocker" / "eval")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: output folder") and "is a file" in err[0], err

