@@ -4,15 +4,29 @@
     model = load_model("openai/clip-vit-large-patch14")
     emb = model.embed_volume("ct.nii.gz", max_slices=64)
     model.rank(emb, ["Chest CT", "Brain MRI", "A puppy"])
+
+The names below are imported on first use (PEP 562), so that a light submodule such as
+`RadCLIPCore.protocol` (numpy only) can be used where torch is not wanted: Slicer's GUI process.
 """
-from .adapter import AdapterConfig, SlicePoolingAdapter, mean_pool
-from .errors import RadCLIPError
-from .io import Volume, read_volume
-from .loading import DEFAULT_MODEL, load_model, save_model
-from .model import RadCLIPModel, RankedPrompt, VolumeEmbedding
-from .preprocessing import PreprocessConfig
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["AdapterConfig", "DEFAULT_MODEL", "PreprocessConfig", "RadCLIPError", "RadCLIPModel", "RankedPrompt",
-           "SlicePoolingAdapter", "Volume", "VolumeEmbedding", "load_model", "mean_pool", "read_volume",
-           "save_model"]
+_EXPORTS = {
+    "AdapterConfig": "adapter", "SlicePoolingAdapter": "adapter", "mean_pool": "adapter",
+    "RadCLIPError": "errors",
+    "Volume": "io", "read_volume": "io",
+    "DEFAULT_MODEL": "loading", "load_model": "loading", "save_model": "loading",
+    "RadCLIPModel": "model", "RankedPrompt": "model", "VolumeEmbedding": "model",
+    "PreprocessConfig": "preprocessing",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'RadCLIPCore' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

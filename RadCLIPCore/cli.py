@@ -11,10 +11,12 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from .commands.serve import serve as serve_main
 from .errors import RadCLIPError
 from .fileutil import atomic_path, atomic_write_text, check_output_file
 from .io import IMAGE_SUFFIXES, _looks_like_dicom, check_readable, read_volume
@@ -83,6 +85,10 @@ def build_parser():
     embed.add_argument("-o", "--output", required=True, metavar="OUT", help="output file: .npz or .json")
     _model_options(embed)
     embed.set_defaults(func=_cmd_embed)
+    serve = sub.add_parser("serve", help="worker process for the Slicer module: JSON lines on stdin/stdout",
+                           description="Persistent worker: reads JSON-line requests (rank, cancel, unload, ping, "
+                                       "shutdown) on stdin and writes JSON-line events on stdout; logs on stderr.")
+    serve.set_defaults(func=lambda args: serve_main())
     sub.add_parser("evaluate", add_help=False, help="linear probe, image-text matching, zero-shot AUC, retrieval "
                    "and the encoder x pooling ablation (see: evaluate --help)")
     return parser
@@ -131,7 +137,8 @@ def _embed(args):
     model = _load(args)
     if is_image:
         return model, volume, None, model.embed_image(volume)
-    emb = model.embed_volume(volume, plane=args.plane, max_slices=args.max_slices, progress=True)
+    with progress_bar("embedding slices", "slice") as progress:
+        emb = model.embed_volume(volume, plane=args.plane, max_slices=args.max_slices, progress=progress)
     return model, volume, emb, emb.embedding
 
 
@@ -142,31 +149,25 @@ def _cmd_rank(args) -> int:
     if args.plot:
         check_output_file(args.plot, "--plot file")  # before the embedding, not after it
     model, volume, emb, vec = _embed(args)
-    ranked = model.rank(vec, prompts)
+    record = model.ranking_record(emb if emb is not None else vec, prompts)
+    ranked = record["prompts"]
     if args.plot:
         if emb is None:
             raise RadCLIPError("--plot shows slice weights; the input is a 2D image")
         from .plotting import plot_attention
 
-        plot_attention(emb, volume, args.plot, title=f"{Path(args.image).name}: slice attention ({emb.pooling})")
+        plot_attention(emb, volume, args.plot, title=f"{Path(args.image).name}: slice attention ({emb.pooling})",
+                       relevance={p["text"]: np.asarray(p["relevance"]) for p in record["prompts"][:3]})
     if args.json:
-        out = {"prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine} for r in ranked],
-               "slice_weights": emb.slice_weights.tolist() if emb else None,
-               "slice_axis": emb.slice_axis if emb else None,
-               "plane": emb.plane if emb else None,
-               "most_attended_slice": emb.most_attended_slice if emb else None,
-               "pooling": emb.pooling if emb else None,
-               "model": model.source}
-        print(json.dumps(out, allow_nan=False))  # rank() refuses NaN; strict JSON all the same
+        print(json.dumps(record, allow_nan=False))  # rank() refuses NaN; strict JSON all the same
         return 0
     where = (f"{emb.plane} plane, {len(emb.slice_weights)} slices along input axis {emb.slice_axis} "
              f"({len(emb.sampled_slices)} embedded), {emb.pooling} pooling, most attended slice {emb.most_attended_slice}"
              if emb else "2D image")
     print(f"{Path(args.image).name}: {where}; model {model.source}")
-    width = max(len("prompt"), *(len(r.prompt) for r in ranked))
     print(f"{'rank':>4}  {'probability':>11}  {'cosine':>7}  prompt")
     for i, r in enumerate(ranked, 1):
-        print(f"{i:>4}  {r.probability:>11.4f}  {r.cosine:>7.4f}  {r.prompt:<{width}}".rstrip())
+        print(f"{i:>4}  {r['probability']:>11.4f}  {r['cosine']:>7.4f}  {r['text']}")
     if args.plot:
         print(f"attention plot: {args.plot}")
     return 0
@@ -193,6 +194,26 @@ def _cmd_embed(args) -> int:
             tmp.write_bytes(buf.getvalue())
     print(f"wrote {out}")
     return 0
+
+
+@contextmanager
+def progress_bar(desc: str, unit: str):
+    """A `progress(done, total)` callback drawing a tqdm bar on stderr (hidden when not a terminal)."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None)
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 class _OneLine(logging.Formatter):

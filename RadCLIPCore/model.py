@@ -121,9 +121,10 @@ class RadCLIPModel:
 
     # ----------------------------------------------------------------- volumes
     def embed_volume(self, source, spacing=None, direction=None, plane=None, max_slices=None,
-                     batch_size=None, progress=False) -> VolumeEmbedding:
+                     batch_size=None, progress=None) -> VolumeEmbedding:
         """Embed a volume: a path (file or DICOM folder), a `Volume`, or a `(k, j, i)` array with
         `spacing` (i, j, k) in mm and an LPS `direction`. `plane=None` uses the model's plane policy.
+        `progress(done, total)`: see `slice_embeddings`.
         """
         plane = plane or self.plane
         _positive_int(batch_size, "batch size")  # checked before any reading or encoding
@@ -147,20 +148,21 @@ class RadCLIPModel:
         self._volumes.move_to_end(key)
         return self._volumes[key]
 
-    def slice_embeddings(self, volume: Volume, plane=None, max_slices=None, batch_size=None, progress=False):
+    def slice_embeddings(self, volume: Volume, plane=None, max_slices=None, batch_size=None, progress=None):
         """(PreparedVolume, (len(prepared.sampled), dim) unit-norm embeddings in canonical slice order).
 
         The one path from a volume to per-slice embeddings: inference and the stage-2 cache use it.
+        `progress(done, total)` is called after each slice batch (slices embedded so far, slices to
+        embed); an exception it raises stops the work there (that is how a caller cancels).
         """
         prepared = prepare_volume(volume, plane or self.plane, max_slices, self.preprocess)
         batch_size = _positive_int(batch_size, "batch size") or self.batch_size
-        batches = _prefetched(prepared.pixel_batches(batch_size))
-        if progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, total=-(-len(prepared.sampled) // batch_size), desc="embedding slices",
-                           unit="batch", leave=False, disable=None)
-        return prepared, torch.cat([self.encode_pixels(pixels) for pixels in batches])
+        total, parts = len(prepared.sampled), []
+        for pixels in _prefetched(prepared.pixel_batches(batch_size)):
+            parts.append(self.encode_pixels(pixels))
+            if progress is not None:
+                progress(sum(len(p) for p in parts), total)
+        return prepared, torch.cat(parts)
 
     def _embed_volume(self, volume: Volume, plane, max_slices, batch_size, progress) -> VolumeEmbedding:
         prepared, slices = self.slice_embeddings(volume, plane, max_slices, batch_size, progress)
@@ -233,6 +235,40 @@ class RadCLIPModel:
         self._finite(np.concatenate([cosines, probs]))
         order = np.argsort(-cosines, kind="stable")
         return [RankedPrompt(prompts[i], float(probs[i]), float(cosines[i])) for i in order]
+
+    def ranking_record(self, embedding, prompts) -> dict:
+        """The JSON-ready result that `rank --json` prints and the worker sends: prompts best first
+        with probability, cosine and (for volumes) per-slice relevance, plus the slice weights."""
+        ranked = self.rank(embedding, prompts)
+        volume = embedding if isinstance(embedding, VolumeEmbedding) else None
+        relevance = dict(zip(prompts, self.slice_relevance(volume, prompts))) if volume is not None else {}
+        return {
+            "prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine,
+                         "relevance": relevance[r.prompt].tolist() if volume is not None else None} for r in ranked],
+            "slice_weights": volume.slice_weights.tolist() if volume is not None else None,
+            "slice_axis": volume.slice_axis if volume is not None else None,
+            "plane": volume.plane if volume is not None else None,
+            "most_attended_slice": volume.most_attended_slice if volume is not None else None,
+            "pooling": volume.pooling if volume is not None else None,
+            "model": self.source,
+        }
+
+    def slice_relevance(self, embedding: VolumeEmbedding, prompts) -> np.ndarray:
+        """(len(prompts), input slices): where along the volume each prompt matches.
+
+        Each embedded slice's cosine with the prompt, softmax over the slices at the model's
+        temperature; slices skipped by `max_slices` get the linear interpolation of their embedded
+        neighbours, and each row sums to 1. Unlike the adapter's attention, which is one set of
+        weights for the volume, this is per prompt and exists for every model (mean pooling too).
+        """
+        texts = self.embed_texts(_check_prompts(prompts))
+        cosines = torch.from_numpy(np.asarray(embedding.slice_embeddings, np.float32) @ texts.T).double()
+        per_sampled = torch.softmax(cosines / self.temperature, dim=0).numpy().T  # (k, sampled)
+        n = len(embedding.slice_weights)
+        sampled = np.asarray(embedding.sampled_slices)
+        rows = [np.interp(np.arange(n), sampled, r) if len(sampled) < n else r for r in per_sampled]
+        out = np.stack([r / r.sum() for r in rows]).astype(np.float32)
+        return self._finite(out)
 
     @staticmethod
     def _remember(cache: OrderedDict, key, value, limit):

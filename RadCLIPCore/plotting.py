@@ -34,36 +34,45 @@ def _separated_peaks(weights, k, min_gap):
     return picked
 
 
-def plot_attention(emb: VolumeEmbedding, volume: Volume, path, top: int = 3, title: str | None = None):
-    """Weight per slice (input slice numbers) with thumbnails of the `top` most attended slices."""
+def plot_attention(emb: VolumeEmbedding, volume: Volume, path, top: int = 3, title: str | None = None,
+                   relevance: dict | None = None):
+    """Per input slice: the adapter's attention (when the model has one) and each prompt's
+    relevance (`{prompt: (slices,)}`, see `RadCLIPModel.slice_relevance`), with thumbnails of the
+    `top` peak slices of the first curve shown. Uniform weights (mean pooling) are not drawn: a flat
+    line says nothing about where the model looked."""
     plt = _pyplot()
-    prepared = prepare_volume(volume, emb.plane)
     n = len(emb.slice_weights)
-    best = _separated_peaks(emb.slice_weights, top, min_gap=max(1, n // (3 * max(top, 1))))
+    curves = {}
+    if emb.pooling != "mean":
+        curves["adapter attention"] = np.asarray(emb.slice_weights, dtype=float)
+    for prompt, values in (relevance or {}).items():
+        curves[f"relevance: {prompt}"] = np.asarray(values, dtype=float)
+    if not curves:
+        raise RadCLIPError("nothing to plot: mean pooling has uniform slice weights; pass prompt relevance")
+    lead = next(iter(curves.values()))
+    best = _separated_peaks(lead, top, min_gap=max(1, n // (3 * max(top, 1))))
     fig = plt.figure(figsize=(3 * max(top, 3), 5.5), dpi=100)
     grid = fig.add_gridspec(2, max(top, 1), height_ratios=[1.1, 1])
     ax = fig.add_subplot(grid[0, :])
-    ax.plot(np.arange(n), emb.slice_weights, color="tab:red", lw=1.5)
-    ax.fill_between(np.arange(n), emb.slice_weights, color="tab:red", alpha=0.2)
-    ax.scatter(best, emb.slice_weights[best], color="black", zorder=3, s=14)
+    for (label, values), color in zip(curves.items(), ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")):
+        ax.plot(np.arange(n), values, color=color, lw=1.5, label=label)
+    ax.fill_between(np.arange(n), lead, color="tab:red" if emb.pooling != "mean" else "tab:blue", alpha=0.15)
+    ax.scatter(best, lead[best], color="black", zorder=3, s=14)
     ax.set_xlim(0, max(n - 1, 1))
     ax.set_xlabel(f"{emb.plane} slice (input array axis {emb.slice_axis})")
-    ax.set_ylabel("slice weight")
-    ax.set_title(title or f"slice attention ({emb.pooling} pooling)")
+    ax.set_ylabel("weight per slice (sums to 1)")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(title or f"where the model looked ({emb.pooling} pooling)")
+    prepared = prepare_volume(volume, emb.plane)
     for col, i in enumerate(best):
         sub = fig.add_subplot(grid[1, col])
-        canonical = prepared.n_slices - 1 - i if prepared.canonical.flipped[prepared.axis] else i
-        img = prepared.slices([canonical])[0].astype(np.float32)
+        img = prepared.slices([prepared.input_index(i)])[0].astype(np.float32)
         lo, hi = np.percentile(img, [1, 99])
         sub.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
                    aspect=prepared.pixel_spacing[0] / prepared.pixel_spacing[1])
-        sub.set_title(f"slice {i}: {emb.slice_weights[i]:.3f}", fontsize=9)
+        sub.set_title(f"slice {i}: {lead[i]:.3f}", fontsize=9)
         sub.axis("off")
-    fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save(fig, plt, path)
 
 
 def _save(fig, plt, path):

@@ -36,6 +36,8 @@ def test_rank_json_and_plot_in_a_subprocess(radclip_dir, chest_ct, tmp_path):
     assert cos == sorted(cos, reverse=True)
     assert len(out["slice_weights"]) == 133 and out["slice_axis"] == 0 and out["plane"] == "axial"
     assert abs(sum(out["slice_weights"]) - 1) < 1e-4
+    for p in out["prompts"]:  # per-prompt relevance over every input slice
+        assert len(p["relevance"]) == 133 and abs(sum(p["relevance"]) - 1) < 1e-4
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "Traceback" not in res.stderr
 

@@ -254,3 +254,23 @@ def test_cached_results_cannot_be_edited_in_place(model, chest_ct):
     with pytest.raises(ValueError):
         emb.slice_weights[0] = 1.0
     assert model.embed_volume(chest_ct, max_slices=4) is emb
+
+
+def test_slice_relevance_is_the_softmax_over_slices_of_each_prompt(mean_model, mni_small):
+    """Per prompt, where along the volume it matches: exists for mean pooling too, never a flat veil."""
+    volume = _volume(mni_small)
+    emb = mean_model.embed_volume(volume)
+    prompts = ["Brain MRI", "Chest CT"]
+    rel = mean_model.slice_relevance(emb, prompts)
+    assert rel.shape == (2, len(emb.slice_weights))
+    np.testing.assert_allclose(rel.sum(axis=1), 1, atol=1e-5)
+    cos = emb.slice_embeddings @ mean_model.embed_texts(prompts).T
+    expected = torch.softmax(torch.from_numpy(cos).double() / mean_model.temperature, dim=0).numpy().T
+    np.testing.assert_allclose(rel, expected, atol=1e-6)
+    assert np.ptp(rel[0]) > 0 and np.ptp(emb.slice_weights) < 1e-6  # mean pooling: uniform weights
+    sparse = mean_model.embed_volume(volume, max_slices=9)
+    rel9 = mean_model.slice_relevance(sparse, prompts)
+    assert rel9.shape == rel.shape and abs(rel9[0].sum() - 1) < 1e-5
+    record = mean_model.ranking_record(sparse, prompts)
+    assert [p["text"] for p in record["prompts"]] == [r.prompt for r in mean_model.rank(sparse, prompts)]
+    assert all(len(p["relevance"]) == len(rel9[0]) for p in record["prompts"])

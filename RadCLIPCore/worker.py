@@ -1,0 +1,156 @@
+"""The compute side of the worker process (`python -m RadCLIPCore serve`): one request in, events out.
+
+The serve command owns stdin/stdout and threads; this module only computes. A `WorkerSession`
+keeps loaded models and, per model, the volume embeddings it made, so a second request for the
+same volume with new prompts costs only the text tower.
+
+Requests are dicts (the JSON objects of the protocol). A `rank` request names its volume one of
+three ways, so that a worker on another machine (no shared files) gets the voxels themselves:
+- `"volume": "/path/ct.nii.gz"`: any file `read_volume` reads (the worker must see the path);
+- `"array": {"npy": "/tmp/x.npy"}` + `"ijk_to_ras"`: a numpy file written by the client;
+- `"array": {"dtype": "int16", "shape": [k, j, i], "zlib_b64": "..."}` + `"ijk_to_ras"`: inline voxels.
+With `"volume_key"` (any string that changes when the voxels or geometry change) the worker
+remembers the volume; a later request may then send the key alone. A key it no longer holds is
+answered with an error whose `code` is `need_volume`, and the client resends the voxels.
+"""
+from __future__ import annotations
+
+import gc
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+
+from .anatomy import LabelMap, anatomy_embeddings
+from .errors import RadCLIPError
+from .io import Volume, read_volume
+from .loading import DEFAULT_MODEL, load_model
+from .protocol import decode_array
+
+VOLUMES_KEPT = 4  # volumes remembered by key (the model's own cache keeps their embeddings)
+
+
+class Cancelled(Exception):
+    """Raised inside a request when the client asked to cancel it."""
+
+
+class NeedVolume(RadCLIPError):
+    """The request gave only a `volume_key` this worker does not hold."""
+
+    code = "need_volume"
+
+
+class WorkerSession:
+    """Models, volumes and embeddings kept between requests of one worker process."""
+
+    def __init__(self):
+        self._models: dict = {}
+        self._volumes: OrderedDict = OrderedDict()
+        self._embeddings: OrderedDict = OrderedDict()  # (model, volume key, plane, max slices) -> embedding
+
+    # ------------------------------------------------------------------ models
+    def model(self, request: dict, emit: Callable[[dict], None]):
+        key = (str(request.get("model") or DEFAULT_MODEL), request.get("device", "auto"),
+               request.get("precision", "auto"), bool(request.get("offline")), request.get("config"))
+        if key not in self._models:
+            emit({"event": "progress", "stage": "loading model", "detail": key[0]})
+            self._models[key] = load_model(key[0], device=key[1], precision=key[2], offline=key[3] or None,
+                                           config=key[4], batch_size=request.get("batch_size"))
+        return self._models[key]
+
+    def unload(self):
+        """Free every model, cached embedding and volume; give the memory back to the system."""
+        self._models.clear()
+        self._volumes.clear()
+        self._embeddings.clear()
+        gc.collect()
+        release_memory()
+
+    # ------------------------------------------------------------------ volumes
+    def volume(self, request: dict) -> Volume:
+        key = request.get("volume_key")
+        if key is not None and key in self._volumes:
+            self._volumes.move_to_end(key)
+            return self._volumes[key]
+        if "volume" in request:
+            volume = read_volume(str(request["volume"]))
+        elif "array" in request:
+            if "ijk_to_ras" not in request:
+                raise RadCLIPError("'array' needs 'ijk_to_ras' (the 4x4 IJK-to-RAS matrix)")
+            volume = Volume.from_ijk_to_ras(decode_array(request["array"]), request["ijk_to_ras"])
+        elif key is not None:
+            raise NeedVolume(f"this worker does not hold volume '{key}'; send its voxels")
+        else:
+            raise RadCLIPError("a rank request needs 'volume' (a path) or 'array' with 'ijk_to_ras'")
+        if key is not None:
+            self._volumes[key] = volume
+            while len(self._volumes) > VOLUMES_KEPT:
+                self._volumes.popitem(last=False)
+        return volume
+
+    # ------------------------------------------------------------------ requests
+    def rank(self, request: dict, emit: Callable[[dict], None], cancelled: Callable[[], bool]) -> dict:
+        """The `rank` op: the `rank --json` record, plus per-segment rankings for a label map."""
+        prompts = request.get("prompts")
+        if not isinstance(prompts, list) or not prompts:
+            raise RadCLIPError("'prompts' must be a non-empty list of texts")
+        model = self.model(request, emit)
+        max_slices = request.get("max_slices") or None  # 0 = every slice
+        plane = request.get("plane") or None
+        key = request.get("volume_key")
+        remembered = (id(model), key, plane, max_slices) if key is not None else None
+        embedded = []
+
+        def progress(done, total):
+            if cancelled():
+                raise Cancelled()
+            embedded.append(done)
+            emit({"event": "progress", "stage": "embedding slices", "done": done, "total": total})
+
+        if cancelled():
+            raise Cancelled()
+        emb = self._embeddings.get(remembered)
+        if emb is None or "labelmap" in request:
+            volume = self.volume(request)
+        if emb is None:  # known by key: no need to read or even hash the voxels again
+            emb = model.embed_volume(volume, plane=plane, max_slices=max_slices, progress=progress)
+            if remembered is not None:
+                self._embeddings[remembered] = emb
+                while len(self._embeddings) > VOLUMES_KEPT:
+                    self._embeddings.popitem(last=False)
+        emit({"event": "progress", "stage": "ranking prompts"})
+        record = model.ranking_record(emb, prompts)
+        record["embedded"] = bool(embedded)  # False: served from the embedding cache
+        if "labelmap" in request:
+            record.update(self._segments(request, model, volume, emb.plane, max_slices, prompts))
+        return record
+
+    def _segments(self, request, model, volume, plane, max_slices, prompts) -> dict:
+        labels = Volume.from_ijk_to_ras(decode_array(request["labelmap"]), request.get("labelmap_ijk_to_ras",
+                                                                                     request.get("ijk_to_ras")))
+        names = {int(k): str(v) for k, v in (request.get("segments") or {}).items()}
+        labelmap = LabelMap(labels, names)
+        result = anatomy_embeddings(model, volume, labelmap, labels=sorted(names) or None, plane=plane,
+                                    max_slices=max_slices, min_patches=float(request.get("min_patches", 1.0)))
+        segments = [{"segment": result.names[v],
+                     "prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine}
+                                 for r in model.rank(vec, prompts)]}
+                    for v, vec in sorted(result.embeddings.items())]
+        return {"segments": segments, "missing_segments": {result.names[v]: why for v, why in result.missing.items()}}
+
+
+def release_memory():
+    """Return freed memory to the operating system (CUDA cache; glibc's heap where there is one)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # memory release is best effort
+        pass
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows): the allocator keeps its own policy
+        pass

@@ -1,0 +1,178 @@
+"""The worker process (`python -m RadCLIPCore serve`) driven by the Slicer module's client, for real:
+subprocesses, pipes, signals, and the real chest CT. No Qt and no MRML here: the client is the part
+of the module that talks to the worker."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "RadCLIPSlicer"))
+
+from RadCLIPSlicerLib.client import WorkerClient, default_command  # noqa: E402
+
+PROMPTS = ["Chest CT", "Brain MRI", "A puppy"]
+
+
+def rss_mb(pid) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def ct_array(chest_ct):
+    image = sitk.ReadImage(str(chest_ct))
+    array = sitk.GetArrayFromImage(image)[::2]  # (67, 512, 512): every second axial slice
+    direction = np.reshape(image.GetDirection(), (3, 3))
+    spacing = np.array(image.GetSpacing()) * [1, 1, 2]
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    matrix = np.eye(4)
+    matrix[:3, :3] = lps_to_ras @ direction @ np.diag(spacing)
+    matrix[:3, 3] = lps_to_ras @ np.array(image.GetOrigin())
+    return np.ascontiguousarray(array), matrix
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tmp_path_factory, tokenizer):
+    """A ViT-B/16-sized CLIP (random weights): big enough that a volume takes seconds on CPU."""
+    from RadCLIPCore import RadCLIPModel, save_model
+    from RadCLIPCore.encoders import new_clip_model
+
+    model = RadCLIPModel(new_clip_model("clip-vit-base-patch16", tokenizer, seed=0), tokenizer, device="cpu")
+    return save_model(model, tmp_path_factory.mktemp("vitb") / "vit-b16")
+
+
+@pytest.fixture
+def client():
+    c = WorkerClient(env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2"))
+    yield c
+    c.close()
+
+
+def test_progress_then_result_and_a_rerank_runs_no_image_encoder(client, radclip_dir, ct_array, model):
+    array, matrix = ct_array
+    events = []
+    rid = client.rank(PROMPTS, array, matrix, volume_key="ct-1", model=str(radclip_dir), max_slices=16, batch_size=4)
+    final = client.wait(rid, on_event=events.append)
+    assert final["event"] == "result", final
+    stages = [e.get("stage") for e in events if e["event"] == "progress"]
+    assert "embedding slices" in stages and events[-1] is final
+    done = [e["done"] for e in events if e.get("stage") == "embedding slices"]
+    assert done == sorted(done) and done[-1] == 16
+    result = final["result"]
+    assert result["embedded"] is True and len(result["slice_weights"]) == 67
+    assert [p["text"] for p in result["prompts"]][0] in PROMPTS
+    assert all(len(p["relevance"]) == 67 for p in result["prompts"])
+    # the same numbers as the library on the same voxels and geometry
+    from RadCLIPCore import Volume
+
+    emb = model.embed_volume(Volume.from_ijk_to_ras(array, matrix), max_slices=16)
+    expected = {r.prompt: r.probability for r in model.rank(emb, PROMPTS)}
+    assert {p["text"]: pytest.approx(p["probability"], abs=1e-5) for p in result["prompts"]} == expected
+    # new prompts on the same volume: the key alone travels, and no slice goes through the encoder
+    events.clear()
+    rid = client.rank(["Head CT", "A cat"], None, matrix, volume_key="ct-1", model=str(radclip_dir), max_slices=16)
+    final = client.wait(rid, on_event=events.append)
+    assert final["event"] == "result" and final["result"]["embedded"] is False
+    assert not [e for e in events if e.get("stage") == "embedding slices"]
+
+
+def test_a_bad_volume_is_an_error_event_and_the_worker_lives(client, radclip_dir, tmp_path, ct_array):
+    (tmp_path / "cut.nii.gz").write_bytes(b"\x1f\x8b\x08garbage")
+    rid = client.request("rank", volume=str(tmp_path / "cut.nii.gz"), prompts=PROMPTS, model=str(radclip_dir))
+    final = client.wait(rid)
+    assert final["event"] == "error" and "cannot read" in final["message"] and "\n" not in final["message"]
+    pid = client.pid
+    for bad in ({"prompts": []}, {"prompts": PROMPTS, "model": str(tmp_path / "nope")},
+                {"prompts": PROMPTS, "array": {"dtype": "<i2", "shape": [2, 2], "zlib_b64": "!!"},
+                 "ijk_to_ras": np.eye(4).tolist()}):
+        final = client.wait(client.request("rank", **{"model": str(radclip_dir), **bad}))
+        assert final["event"] == "error" and final["message"], final
+    client._send({"id": 99, "op": "no-such-op"})
+    client._send({"garbage": True})
+    pong = client.wait(client.request("ping"))
+    assert pong["event"] == "pong" and client.pid == pid  # the same process answered throughout
+
+
+def test_cancel_mid_volume_returns_within_one_batch(client, base_model_dir, ct_array):
+    array, matrix = ct_array
+    events = []
+    rid = client.rank(PROMPTS, array, matrix, model=str(base_model_dir), max_slices=40, batch_size=2)
+    while not any(e.get("stage") == "embedding slices" for e in events):  # the first batch is done
+        events += [e for e in client.poll() if e.get("id") == rid]
+        time.sleep(0.05)
+    client.cancel(rid)
+    sent_at = len([e for e in events if e.get("stage") == "embedding slices"])
+    final = client.wait(rid, on_event=events.append)
+    assert final["event"] == "cancelled"
+    batches = [e for e in events if e.get("stage") == "embedding slices"]
+    assert len(batches) - sent_at <= 1 and batches[-1]["done"] < 40  # at most the batch already running
+    pong = client.wait(client.request("ping"))
+    assert pong["event"] == "pong"  # and the worker serves the next request
+
+
+def test_kill_9_mid_request_is_one_error_and_the_next_request_works(client, base_model_dir, radclip_dir, ct_array):
+    array, matrix = ct_array
+    rid = client.rank(PROMPTS, array, matrix, model=str(base_model_dir), max_slices=40, batch_size=2)
+    while True:
+        events = client.poll()
+        if any(e.get("stage") == "embedding slices" for e in events):
+            break
+        time.sleep(0.05)
+    first = client.pid
+    os.kill(first, signal.SIGKILL)
+    final = client.wait(rid)
+    assert final["event"] == "error" and "stopped unexpectedly" in final["message"] and "SIGKILL" in final["message"]
+    rid = client.rank(PROMPTS, array, matrix, model=str(radclip_dir), max_slices=8)
+    final = client.wait(rid)
+    assert final["event"] == "result" and client.pid != first and client.deaths == 1
+
+
+def test_unload_gives_the_memory_back(client, base_model_dir, ct_array):
+    array, matrix = ct_array
+    idle = client.wait(client.request("ping"))
+    pid = idle["pid"]
+    before = rss_mb(pid)
+    assert client.wait(client.rank(PROMPTS, array, matrix, model=str(base_model_dir), max_slices=4))["event"] == "result"
+    loaded = rss_mb(pid)
+    assert loaded - before > 300  # ViT-B/16 weights (~600 MB in fp32) and the volume
+    assert client.wait(client.request("unload"))["event"] == "unloaded"
+    after = rss_mb(pid)
+    assert after - before < 0.35 * (loaded - before), (before, loaded, after)
+
+
+def test_inline_transport_to_a_worker_that_cannot_see_our_files(tmp_path, radclip_dir, ct_array):
+    """A remote worker shares no files: the voxels travel in the protocol. The worker here runs in
+    its own mount namespace with an empty /tmp over ours, so no file we write is visible to it."""
+    probe = subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare is not permitted here: {probe.stderr.decode().strip()[:120]}")
+    model_copy = REPO / ".pytest-worker-model"  # outside /tmp: the worker must still see the model
+    subprocess.run(["rm", "-rf", str(model_copy)], check=True)
+    subprocess.run(["cp", "-r", str(radclip_dir), str(model_copy)], check=True)
+    secret = tmp_path / "visible-only-to-the-client.txt"
+    secret.write_text("x")
+    python_cmd = " ".join(default_command())
+    command = ["unshare", "--mount", "--map-root-user", "sh", "-c",
+               f"mount -t tmpfs none /tmp && test ! -e {secret} && exec {python_cmd}"]
+    c = WorkerClient(command, transport="inline", env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    try:
+        array, matrix = ct_array
+        final = c.wait(c.rank(PROMPTS, array, matrix, volume_key="remote", model=str(model_copy), max_slices=8))
+        assert final["event"] == "result", (final, c.log_path.read_text())
+        assert len(final["result"]["slice_weights"]) == 67
+        final = c.wait(c.request("rank", volume=str(secret), prompts=PROMPTS, model=str(model_copy)))
+        assert final["event"] == "error" and "not found" in final["message"]  # it truly cannot see our files
+        final = c.wait(c.rank(["Head CT"], None, matrix, volume_key="remote", model=str(model_copy), max_slices=8))
+        assert final["event"] == "result" and final["result"]["embedded"] is False
+    finally:
+        c.close()
+        subprocess.run(["rm", "-rf", str(model_copy)])
