@@ -51,11 +51,12 @@ class WorkerSession:
     # ------------------------------------------------------------------ models
     def model(self, request: dict, emit: Callable[[dict], None]):
         key = (str(request.get("model") or DEFAULT_MODEL), request.get("device", "auto"),
-               request.get("precision", "auto"), bool(request.get("offline")), request.get("config"))
+               request.get("precision", "auto"), bool(request.get("offline")), request.get("config"),
+               request.get("pooling"))
         if key not in self._models:
             emit({"event": "progress", "stage": "loading model", "detail": key[0]})
             self._models[key] = load_model(key[0], device=key[1], precision=key[2], offline=key[3] or None,
-                                           config=key[4], batch_size=request.get("batch_size"))
+                                           config=key[4], pooling=key[5])
         return self._models[key]
 
     def unload(self):
@@ -113,7 +114,8 @@ class WorkerSession:
         if emb is None or "labelmap" in request:
             volume = self.volume(request)
         if emb is None:  # known by key: no need to read or even hash the voxels again
-            emb = model.embed_volume(volume, plane=plane, max_slices=max_slices, progress=progress)
+            emb = model.embed_volume(volume, plane=plane, max_slices=max_slices, batch_size=request.get("batch_size"),
+                                     progress=progress)
             if remembered is not None:
                 self._embeddings[remembered] = emb
                 while len(self._embeddings) > VOLUMES_KEPT:

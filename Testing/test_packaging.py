@@ -44,13 +44,51 @@ def _parameter_fields():
     raise AssertionError("no @parameterNodeWrapper class in RadCLIPSlicer.py")
 
 
-def test_ui_binds_exactly_the_parameter_node_fields():
+def _module_constant(name):
+    tree = ast.parse((MODULE / "RadCLIPSlicer.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"no {name} in RadCLIPSlicer.py")
+
+
+def test_ui_binds_exactly_the_parameter_node_fields_it_should():
+    """Every field is bound through SlicerParameterName except those the module syncs itself (the
+    prompt box: Slicer's QTextEdit connector moves the cursor on every keystroke), and no QTextEdit
+    is bound at all."""
     import xml.etree.ElementTree as ET
 
     root = ET.parse(MODULE / "Resources" / "UI" / "RadCLIPSlicer.ui").getroot()
     bound = [p.find("string").text for p in root.iter("property") if p.get("name") == "SlicerParameterName"]
     assert len(bound) == len(set(bound)), "a parameter is bound twice"
-    assert set(bound) == _parameter_fields()
+    unbound = set(_module_constant("UNBOUND_PARAMETERS"))
+    assert set(bound) == _parameter_fields() - unbound and unbound <= _parameter_fields()
+    for widget in root.iter("widget"):
+        names = [p.find("string").text for p in widget.findall("property") if p.get("name") == "SlicerParameterName"]
+        assert not (names and widget.get("class") in ("QTextEdit", "QPlainTextEdit")), widget.get("name")
+    selectors = {w.get("name"): w for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    volume = selectors["inputVolumeSelector"]
+    assert any(p.get("name") == "showChildNodeTypes" and p.find("bool").text == "false" for p in volume)
+    assert set(selectors) == {"inputVolumeSelector", "inputSegmentationSelector"}  # no output node pickers
+
+
+def test_model_labels_are_the_presets_of_radclipcore():
+    from RadCLIPCore.presets import LOCAL_MODEL_LABEL, PRESETS
+
+    assert _module_constant("MODEL_LABELS") == [p.label for p in PRESETS] + [LOCAL_MODEL_LABEL]
+
+
+def test_extension_index_requirements():
+    """What the Extensions Index's check script looks for: a LICENSE at the root, screenshots, an icon."""
+    import re
+
+    assert "Apache License" in (REPO / "LICENSE").read_text() and "Version 2.0" in (REPO / "LICENSE").read_text()
+    top = (REPO / "CMakeLists.txt").read_text()
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]+)"\)', top).group(1).split()
+    assert len(urls) >= 2
+    for url in urls:
+        assert (REPO / url.split("/main/", 1)[1]).is_file(), url
+    assert "Slicer" not in top.split("project(", 1)[1].split(")")[0].replace("RadCLIPSlicer", "")
 
 
 def _cmake_list(text, name):
@@ -80,6 +118,18 @@ def test_module_imports_no_heavy_dependency_at_import_time():
     names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
     names |= {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
     assert not names & {"torch", "transformers", "RadCLIPCore", "RadCLIPSlicerLib", "numpy", "SimpleITK"}
+
+
+def test_slicer_process_never_imports_torch():
+    """Slicer's GUI process loads the module's helpers (MRML logic, worker client) and the presets,
+    never torch or transformers: those live in the worker process."""
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+            "import RadCLIPSlicerLib, RadCLIPSlicerLib.client, RadCLIPSlicerLib.logic, RadCLIPCore.presets\n"
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    res = subprocess.run([sys.executable, "-c", code, str(REPO), str(MODULE)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
 
 
 def test_extension_metadata_is_consistent():

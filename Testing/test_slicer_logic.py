@@ -1,5 +1,7 @@
 """The module's Logic against real Slicer libraries (slicer-core: MRML scene, volume, table, plot
-nodes; no Qt). Volumes are loaded through Slicer's own storage path; geometry is checked in RAS."""
+nodes; no Qt). Volumes are loaded through Slicer's own storage path; geometry is checked in RAS.
+Results come from the worker's own code (`WorkerSession`, the same object `serve` runs) fed with
+exactly the request the module sends; test_worker.py runs it in a real subprocess."""
 import sys
 
 import numpy as np
@@ -11,9 +13,11 @@ slicer = pytest.importorskip("slicer", reason="pip install slicer-core")  # inst
 vtk = pytest.importorskip("vtk")
 sys.path.insert(0, str(REPO / "RadCLIPSlicer"))
 
-from RadCLIPSlicerLib.logic import RadCLIPSlicerMRMLLogic, ijkToRasArray, volumeFromNode  # noqa: E402
+from RadCLIPSlicerLib.logic import RadCLIPSlicerMRMLLogic, ijkToRasArray  # noqa: E402
 
-from RadCLIPCore import RadCLIPError, read_volume  # noqa: E402
+from RadCLIPCore import RadCLIPError, Volume, read_volume  # noqa: E402
+from RadCLIPCore.protocol import encode_array  # noqa: E402
+from RadCLIPCore.worker import WorkerSession  # noqa: E402
 
 PROMPTS = ["Chest CT", "Brain MRI", "Head CT", "A puppy", "A cat", "A life vest"]
 
@@ -69,31 +73,52 @@ def logic():
     return RadCLIPSlicerMRMLLogic()
 
 
-def test_rank_fills_a_table_best_first(scene, logic, model, chest_ct):
+@pytest.fixture(scope="module")
+def session():
+    return WorkerSession()
+
+
+def rank(session, logic, node, prompts, model_dir, segmentation=None, **options):
+    """The request the module sends for `node` (encoded as for a remote worker) -> the worker's result."""
+    fields = logic.volumeRequest(node, segmentation)
+    request = {"prompts": prompts, "model": str(model_dir), "device": "cpu", **options,
+               "array": encode_array(fields["array"]), "ijk_to_ras": fields["ijk_to_ras"].tolist(),
+               "volume_key": fields["volume_key"]}
+    if segmentation is not None:
+        request.update(labelmap=encode_array(fields["labelmap"]), segments=fields["segments"])
+    return session.rank(request, lambda event: None, lambda: False)
+
+
+def test_rank_fills_a_table_best_first(scene, logic, session, radclip_dir, model, chest_ct):
     node = load(scene, chest_ct, "chest")
-    out = logic.rank(node, PROMPTS, model, maxSlices=16)
+    result = rank(session, logic, node, PROMPTS, radclip_dir, max_slices=16)
+    out = logic.showResults(node, result)
     table = out["table"]
     assert table.GetNumberOfRows() == len(PROMPTS) and table.GetNumberOfColumns() == 3
     rows = [(table.GetCellText(r, 0), float(table.GetCellText(r, 1)), float(table.GetCellText(r, 2)))
             for r in range(table.GetNumberOfRows())]
-    assert [r[0] for r in rows] == [r.prompt for r in model.rank(out["embedding"], PROMPTS)]
-    assert [r[1] for r in rows] == sorted((r[1] for r in rows), reverse=True)
+    direct = model.rank(model.embed_volume(read_volume(chest_ct), max_slices=16), PROMPTS)
+    assert [r[0] for r in rows] == [r.prompt for r in direct]
+    np.testing.assert_allclose([r[1] for r in rows], [r.probability for r in direct], atol=1e-5)
     assert abs(sum(r[1] for r in rows) - 1) < 1e-4
+    assert out["prompt"] == rows[0][0]  # the viewers show the best prompt's relevance
 
 
-def test_weights_follow_the_input_slices_through_slicers_geometry(scene, logic, model, chest_ct):
+def test_weights_follow_the_input_slices_through_slicers_geometry(scene, logic, session, radclip_dir, model,
+                                                                   chest_ct):
     """Slicer flips the k axis of this left-handed NIfTI on load; the weights must follow."""
     node = load(scene, chest_ct, "chest-flipped")
-    emb = logic.embed(node, model, maxSlices=16)
+    result = rank(session, logic, node, PROMPTS[:2], radclip_dir, max_slices=16)
     direct = model.embed_volume(read_volume(chest_ct), max_slices=16)
-    np.testing.assert_allclose(emb.embedding, direct.embedding, atol=1e-5)
-    sitk_k_down = ijkToRasArray(node)[2, 2] < 0  # Slicer's k runs the other way from SimpleITK's
-    assert sitk_k_down
-    np.testing.assert_allclose(emb.slice_weights, direct.slice_weights[::-1], atol=1e-6)
+    assert ijkToRasArray(node)[2, 2] < 0  # Slicer's k runs the other way from SimpleITK's
+    np.testing.assert_allclose(result["slice_weights"], direct.slice_weights[::-1], atol=1e-6)
+    relevance = model.slice_relevance(direct, PROMPTS[:2])
+    got = {p["text"]: p["relevance"] for p in result["prompts"]}
+    np.testing.assert_allclose(got[PROMPTS[0]], relevance[0][::-1], atol=1e-6)
 
 
 @pytest.mark.parametrize("geometry", ["as loaded", "oblique", "flipped"])
-def test_attention_volume_slices_coincide_with_the_input_slices(scene, logic, model, mni, geometry):
+def test_attention_volume_slices_coincide_with_the_input_slices(scene, logic, session, radclip_dir, mni, geometry):
     node = load(scene, mni, f"mni-{geometry}")
     if geometry == "oblique":
         oblique(node)
@@ -103,99 +128,115 @@ def test_attention_volume_slices_coincide_with_the_input_slices(scene, logic, mo
         m[:3, 3] += m[:3, 1] * (n - 1)
         m[:3, 1] *= -1  # j reversed, same anatomy
         set_matrix(node, m)
-    out = logic.rank(node, PROMPTS[:3], model, maxSlices=12)
-    emb, att = out["embedding"], out["attention"]
-    weights = slicer.util.arrayFromVolume(att)
-    assert weights.size == len(emb.slice_weights)  # compact: one voxel per slice, not a CT copy
-    np.testing.assert_allclose(weights.ravel(), emb.slice_weights, atol=1e-7)
-    pooled = 2 - emb.slice_axis
+    result = rank(session, logic, node, PROMPTS[:3], radclip_dir, max_slices=12)
+    out = logic.showResults(node, result, prompt=PROMPTS[1])
+    att = out["attention"]
+    shown = slicer.util.arrayFromVolume(att)
+    relevance = next(p["relevance"] for p in result["prompts"] if p["text"] == PROMPTS[1])
+    assert shown.size == len(relevance)  # compact: one voxel per slice, not a CT copy
+    np.testing.assert_allclose(shown.ravel(), relevance, atol=1e-7)
+    axis = result["slice_axis"]
+    pooled = 2 - axis
     m_in, m_att = ijkToRasArray(node), ijkToRasArray(att)
     in_plane = [a for a in range(3) if a != pooled]
     normal = np.cross(m_in[:3, in_plane[0]], m_in[:3, in_plane[1]])
     normal /= np.linalg.norm(normal)
-    for s in range(len(emb.slice_weights)):
+    for s in range(len(relevance)):
         ijk = np.zeros(4)
         ijk[3], ijk[pooled] = 1, s
-        centre = logic.sliceCentreRas(node, emb, s)
+        centre = logic.sliceCentreRas(node, axis, s)
         np.testing.assert_allclose((m_att @ ijk)[:3], centre, atol=1e-6)
         # and that centre lies in the plane of the input's slice s
         assert abs((centre - (m_in @ ijk)[:3]) @ normal) < 1e-6
     # the attention voxel spans the whole in-plane extent of the input
     dims = node.GetImageData().GetDimensions()
-    for axis in range(3):
-        if axis != pooled:
-            np.testing.assert_allclose(np.linalg.norm(m_att[:3, axis]), np.linalg.norm(m_in[:3, axis]) * dims[axis])
+    for a in range(3):
+        if a != pooled:
+            np.testing.assert_allclose(np.linalg.norm(m_att[:3, a]), np.linalg.norm(m_in[:3, a]) * dims[a])
     display = att.GetDisplayNode()
     assert display.GetColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"
-    assert display.GetWindowLevelMax() == pytest.approx(float(emb.slice_weights.max()))
+    assert display.GetWindowLevelMax() == pytest.approx(max(relevance), rel=1e-5)
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(1 / len(relevance))
 
 
-def test_oblique_geometry_reaches_radclipcore(scene, mni):
+def test_request_carries_oblique_geometry_to_the_worker(scene, logic, mni):
     node = oblique(load(scene, mni, "mni-oblique-only"))
-    vol = volumeFromNode(node)
+    fields = logic.volumeRequest(node)
+    vol = Volume.from_ijk_to_ras(fields["array"], fields["ijk_to_ras"])
     assert not np.allclose(np.abs(vol.direction), np.eye(3))
     np.testing.assert_allclose(vol.direction.T @ vol.direction, np.eye(3), atol=1e-9)
+    assert np.shares_memory(fields["array"], slicer.util.arrayFromVolume(node))  # a view: no copy on the GUI thread
 
 
-def test_plot_nodes(scene, logic, model, mni):
+def test_plot_shows_adapter_attention_and_the_prompts_relevance(scene, logic, session, radclip_dir, mni):
     node = load(scene, mni, "mni-plot")
-    out = logic.rank(node, PROMPTS[:2], model, maxSlices=8)
+    result = rank(session, logic, node, PROMPTS[:2], radclip_dir, max_slices=8)
+    out = logic.showResults(node, result)
     chart = out["chart"]
-    assert chart.GetNumberOfPlotSeriesNodes() == 1
-    series = chart.GetNthPlotSeriesNode(0)
-    data = series.GetTableNode()
-    assert data.GetNumberOfRows() == len(out["embedding"].slice_weights)
-    assert (series.GetXColumnName(), series.GetYColumnName()) == ("slice", "weight")
-    again = logic.rank(node, PROMPTS[2:4], model, maxSlices=8, tableNode=out["table"], attentionNode=out["attention"],
-                       chartNode=chart)
-    assert again["chart"].GetNthPlotSeriesNode(0) is series  # updated in place, not duplicated
-    assert chart.GetNumberOfPlotSeriesNodes() == 1
+    names = [chart.GetNthPlotSeriesNode(i).GetName() for i in range(chart.GetNumberOfPlotSeriesNodes())]
+    assert names == ["adapter attention", f"relevance: {out['prompt']}"]
+    data = chart.GetNthPlotSeriesNode(0).GetTableNode()
+    assert data.GetNumberOfRows() == len(result["slice_weights"])
+    series = [chart.GetNthPlotSeriesNode(i) for i in range(2)]
+    again = logic.showResults(node, result, out["table"], out["attention"], chart, prompt=PROMPTS[1])
+    assert again["chart"].GetNthPlotSeriesNode(0) is series[0]  # updated in place, not duplicated
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+    assert chart.GetNthPlotSeriesNode(1).GetName() == f"relevance: {PROMPTS[1]}"
 
 
-def test_second_rank_with_new_prompts_does_not_re_embed(scene, logic, model, mni):
-    node = load(scene, mni, "mni-cache")
-    model.clear_cache()  # RadCLIPModel's own content cache would serve these voxels from earlier tests
-    calls = []
-    hook = model.clip.vision_model.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        logic.rank(node, ["Brain MRI", "Chest CT"], model, maxSlices=8)
-        first = len(calls)
-        assert first > 0
-        logic.rank(node, ["Head CT", "A puppy", "A completely new prompt"], model, maxSlices=8)
-        assert len(calls) == first
-        arr = slicer.util.arrayFromVolume(node)
-        arr[:10] = 0
-        slicer.util.arrayFromVolumeModified(node)  # edited voxels: embedded again
-        logic.rank(node, ["Brain MRI"], model, maxSlices=8)
-        assert len(calls) > first
-    finally:
-        hook.remove()
+def test_mean_pooling_shows_relevance_and_a_flat_curve_is_never_a_veil(scene, logic, session, radclip_dir, mni):
+    node = load(scene, mni, "mni-mean")
+    result = rank(session, logic, node, PROMPTS[:2], radclip_dir, max_slices=8, pooling="mean")
+    assert result["pooling"] == "mean"
+    out = logic.showResults(node, result)
+    chart = out["chart"]
+    assert [chart.GetNthPlotSeriesNode(i).GetName() for i in range(chart.GetNumberOfPlotSeriesNodes())] == [
+        f"relevance: {out['prompt']}"]  # no uniform "attention" line for mean pooling
+    flat = {**result, "prompts": [{**p, "relevance": [1 / len(p["relevance"])] * len(p["relevance"])}
+                                  for p in result["prompts"]]}
+    shown = logic.showResults(node, flat, out["table"], out["attention"], chart)
+    assert shown["overlay_visible"] is False and not out["attention"].GetDisplayNode().GetVisibility()
 
 
-def test_most_attended_slice_position(scene, logic, model, chest_ct):
+def test_volume_key_changes_with_voxels_and_geometry(scene, logic, mni):
+    node = load(scene, mni, "mni-key")
+    key = logic.volumeKey(node)
+    assert logic.volumeKey(node) == key
+    arr = slicer.util.arrayFromVolume(node)
+    arr[:10] = 0
+    slicer.util.arrayFromVolumeModified(node)  # edited voxels: a new key, so the worker embeds again
+    edited = logic.volumeKey(node)
+    assert edited != key
+    oblique(node)
+    assert logic.volumeKey(node) != edited
+
+
+def test_peak_slice_position_comes_from_the_attention_volume(scene, logic, session, radclip_dir, chest_ct):
     node = load(scene, chest_ct, "chest-jump")
-    emb = logic.embed(node, model, maxSlices=8)
-    ras = logic.mostAttendedSliceRas(node, emb)
+    result = rank(session, logic, node, PROMPTS[:2], radclip_dir, max_slices=8)
+    out = logic.showResults(node, result)
+    ras = logic.peakSliceRas(node, out["attention"])
     ijk = np.linalg.inv(ijkToRasArray(node)) @ np.r_[ras, 1]
-    assert round(ijk[2 - emb.slice_axis]) == emb.most_attended_slice
+    pooled = 2 - result["slice_axis"]
+    assert round(ijk[pooled]) == out["peak_slice"]
+    with pytest.raises(RadCLIPError, match="rank the prompts first"):
+        logic.peakSliceRas(node, None)
 
 
-def test_non_scalar_volume_is_refused(scene):
+def test_non_scalar_volume_is_refused(scene, logic):
     node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
     slicer.util.updateVolumeFromArray(node, np.zeros((4, 5, 6, 3), np.uint8))
     with pytest.raises(RadCLIPError, match="not a scalar volume"):
-        volumeFromNode(node)
+        logic.volumeRequest(node)
     with pytest.raises(RadCLIPError, match="select an input volume"):
-        volumeFromNode(None)
+        logic.volumeRequest(None)
 
 
-def test_a_volume_node_without_image_data_is_a_one_line_error(scene, logic, model):
+def test_a_volume_node_without_image_data_is_a_one_line_error(scene, logic):
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     assert node.GetImageData() is None
     with pytest.raises(RadCLIPError, match="'empty' has no image data"):
-        logic.rank(node, PROMPTS, model)
-    with pytest.raises(RadCLIPError, match="has no image data"):
-        logic.cachedEmbedding(node, model)
+        logic.volumeRequest(node)
 
 
 def segmentation_from_labels(scene, ct, labels, names, nodeName="anatomy"):
@@ -220,7 +261,7 @@ def color_tables(scene):
     return sorted(nodes.GetItemAsObject(i).GetName() for i in range(nodes.GetNumberOfItems()))
 
 
-def test_prompts_ranked_per_segment(scene, logic, mean_model, chest_ct):
+def test_prompts_ranked_per_segment(scene, logic, session, radclip_dir, mean_model, chest_ct):
     """A segmentation made from three labels of the real anatomy mask, ranked per segment."""
     from RadCLIPCore.anatomy import anatomy_embeddings, read_labelmap
 
@@ -233,8 +274,10 @@ def test_prompts_ranked_per_segment(scene, logic, mean_model, chest_ct):
     segmentation = segmentation_from_labels(scene, ct, labels, keep)
     prompts = ["Liver", "Lung", "Spleen", "A puppy"]
     tables_before = color_tables(scene)
-    out = logic.rankSegments(ct, segmentation, prompts, mean_model, maxSlices=16, minPatches=0.25)
+    result = rank(session, logic, ct, prompts, radclip_dir, segmentation, max_slices=16, min_patches=0.25,
+                  pooling="mean")
     assert color_tables(scene) == tables_before  # no stray '<segmentation>_ColorTable' node
+    out = logic.showSegmentResults(ct, result)
     table = out["table"]
     assert table.GetNumberOfColumns() == 4
     rows = [[table.GetCellText(r, c) for c in range(4)] for r in range(table.GetNumberOfRows())]
@@ -245,15 +288,14 @@ def test_prompts_ranked_per_segment(scene, logic, mean_model, chest_ct):
         assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
     # the same numbers as RadCLIPCore on the files directly, for the liver
     direct = anatomy_embeddings(mean_model, read_volume(chest_ct), mask, labels=[5], max_slices=16, min_patches=0.25)
-    expected = [r.prompt for r in mean_model.rank(direct.embeddings[5], prompts)]
+    expected = mean_model.rank(direct.embeddings[5], prompts)
     assert sorted(segments) == sorted(keep.values())
-    assert [r[1] for r in rows if r[0] == "liver"] == expected
-    liver_probs = [float(r[2]) for r in rows if r[0] == "liver"]
-    np.testing.assert_allclose(liver_probs, [r.probability for r in mean_model.rank(direct.embeddings[5], prompts)],
+    assert [r[1] for r in rows if r[0] == "liver"] == [r.prompt for r in expected]
+    np.testing.assert_allclose([float(r[2]) for r in rows if r[0] == "liver"], [r.probability for r in expected],
                                atol=1e-5)
 
 
-def test_empty_segments_are_named_not_dropped(scene, logic, mean_model, chest_ct):
+def test_empty_segments_are_named_not_dropped(scene, logic, session, radclip_dir, chest_ct):
     """An empty segment is reported with its reason; a segmentation with nothing to rank is an error."""
     ct = load(scene, chest_ct, "chest-empty-segments")
     dims = ct.GetImageData().GetDimensions()
@@ -261,11 +303,13 @@ def test_empty_segments_are_named_not_dropped(scene, logic, mean_model, chest_ct
     labels[20:110, 200:300, 200:300] = 1
     segmentation = segmentation_from_labels(scene, ct, labels, {1: "block"}, "with-empty")
     empty = segmentation.GetSegmentation().AddEmptySegment("", "cyst")
-    out = logic.rankSegments(ct, segmentation, ["Liver", "Lung"], mean_model, maxSlices=8, minPatches=0.25)
+    result = rank(session, logic, ct, ["Liver", "Lung"], radclip_dir, segmentation, max_slices=8, min_patches=0.25)
+    out = logic.showSegmentResults(ct, result)
     assert "cyst" in out["missing"] and "absent" in out["missing"]["cyst"]
     rows = [out["table"].GetCellText(r, 0) for r in range(out["table"].GetNumberOfRows())]
     assert set(rows) == {"block"}
     segmentation.GetSegmentation().RemoveSegment(segmentation.GetSegmentation().GetSegmentIdBySegmentName("block"))
     assert segmentation.GetSegmentation().GetSegment(empty) is not None
-    with pytest.raises(RadCLIPError, match="no segment of 'with-empty' can be ranked.*cyst"):
-        logic.rankSegments(ct, segmentation, ["Liver"], mean_model, maxSlices=8)
+    result = rank(session, logic, ct, ["Liver"], radclip_dir, segmentation, max_slices=8)
+    with pytest.raises(RadCLIPError, match="no segment can be ranked.*cyst"):
+        logic.showSegmentResults(ct, result)

@@ -1,4 +1,5 @@
-"""Non-GUI helpers of the RadCLIPSlicer module (MRML logic, no Qt)."""
-from .logic import MODEL_PRESETS, RadCLIPSlicerMRMLLogic, volumeFromNode
+"""Non-GUI helpers of the RadCLIPSlicer module: MRML logic and the worker client (no Qt, no torch)."""
+from .client import WorkerClient, default_command
+from .logic import RadCLIPSlicerMRMLLogic, checkVolumeNode, ijkToRasArray
 
-__all__ = ["MODEL_PRESETS", "RadCLIPSlicerMRMLLogic", "volumeFromNode"]
+__all__ = ["RadCLIPSlicerMRMLLogic", "WorkerClient", "checkVolumeNode", "default_command", "ijkToRasArray"]

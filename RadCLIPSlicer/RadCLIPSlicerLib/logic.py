@@ -1,32 +1,27 @@
-"""The module's MRML work, free of Qt and widgets: volume node -> RadCLIPCore -> table, attention
-volume and plot nodes. Usable from the Python console, scripts, and tests with slicer-core.
+"""The module's MRML work, free of Qt, widgets and torch: volume node -> worker request, and the
+worker's result -> table, attention volume and chart nodes. Runs on Slicer's GUI thread, so it
+only reads and writes MRML; every model computation happens in the worker process.
 
     logic = RadCLIPSlicerMRMLLogic()
-    model = logic.loadModel("/models/RadCLIP.pth")
-    table = logic.rank(volumeNode, ["Chest CT", "Brain MRI"], model)["table"]
+    client = WorkerClient()
+    result = client.wait(client.rank(prompts, **logic.volumeRequest(volumeNode)))["result"]
+    nodes = logic.showResults(volumeNode, result)
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+import hashlib
 
 import numpy as np
 import slicer
 import vtk
 
-from RadCLIPCore import RadCLIPError, Volume, load_model
-from RadCLIPCore.anatomy import LabelMap, anatomy_embeddings
+from RadCLIPCore.errors import RadCLIPError
+from RadCLIPCore.io import ijk_axis
 
 TABLE_COLUMNS = ("prompt", "probability", "cosine")
 SEGMENT_TABLE_COLUMNS = ("segment", "prompt", "probability", "cosine")
 HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
-EMBEDDING_CACHE_SIZE = 8
-
-# model presets offered in the panel: label -> (load_model source, needs a local path)
-MODEL_PRESETS = OrderedDict([
-    ("CLIP ViT-L/14 (OpenAI)", ("openai/clip-vit-large-patch14", False)),
-    ("RadCLIP 2D — published weights", ("radclip", False)),
-    ("Local model folder…", (None, True)),
-])
+FLAT = 0.02  # a curve whose peak is within 2% of uniform says nothing: never paint it as a veil
 
 
 def ijkToRasArray(volumeNode) -> np.ndarray:
@@ -46,97 +41,35 @@ def checkVolumeNode(volumeNode):
     return volumeNode
 
 
-def volumeFromNode(volumeNode) -> Volume:
-    """The node's voxels (a view, no copy) with their geometry, in RadCLIPCore's terms."""
-    checkVolumeNode(volumeNode)
-    return Volume.from_ijk_to_ras(slicer.util.arrayFromVolume(volumeNode), ijkToRasArray(volumeNode))
-
-
 def _nodesByClass(scene, className) -> list:
     nodes = scene.GetNodesByClass(className)
     return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
 
 
 class RadCLIPSlicerMRMLLogic:
-    """Rank prompts for volume nodes; keep embeddings so new prompts cost only the text tower."""
+    """Volume nodes in, result nodes out; the worker does the rest."""
 
-    def __init__(self):
-        self._models = {}
-        self._embeddings = OrderedDict()
-
-    # ------------------------------------------------------------------ models
-    def loadModel(self, source, device="auto", offline=False, precision="auto"):
-        key = (str(source), device, bool(offline), precision)
-        if key not in self._models:
-            self._models[key] = load_model(source, device=device, precision=precision, offline=offline or None)
-        return self._models[key]
-
-    # ------------------------------------------------------------------ embedding
-    def embeddingKey(self, volumeNode, model, plane, maxSlices):
-        """Node + its voxel and geometry modification times + model + settings."""
+    # ------------------------------------------------------------------ requests (GUI thread: MRML reads only)
+    @staticmethod
+    def volumeKey(volumeNode) -> str:
+        """Changes whenever the voxels or the geometry change, so the worker can keep what it holds."""
         image = checkVolumeNode(volumeNode).GetImageData()
-        return (volumeNode.GetID(), image.GetMTime(), tuple(ijkToRasArray(volumeNode).ravel()), id(model),
-                plane, maxSlices)
+        geometry = hashlib.blake2b(ijkToRasArray(volumeNode).tobytes(), digest_size=8).hexdigest()
+        return f"{volumeNode.GetID()}:{image.GetMTime()}:{geometry}"
 
-    def cachedEmbedding(self, volumeNode, model, plane="auto", maxSlices=None):
-        return self._embeddings.get(self.embeddingKey(volumeNode, model, plane, maxSlices))
-
-    def embed(self, volumeNode, model, plane="auto", maxSlices=None, progress=False):
-        key = self.embeddingKey(volumeNode, model, plane, maxSlices)
-        if key not in self._embeddings:
-            self._embeddings[key] = model.embed_volume(volumeFromNode(volumeNode), plane=plane,
-                                                       max_slices=maxSlices, progress=progress)
-            while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
-                self._embeddings.popitem(last=False)
-        self._embeddings.move_to_end(key)
-        return self._embeddings[key]
-
-    # ------------------------------------------------------------------ ranking
-    def rank(self, volumeNode, prompts, model, plane="auto", maxSlices=None, tableNode=None, attentionNode=None,
-             chartNode=None):
-        """Rank `prompts` for `volumeNode`; fill (or create) the output nodes and return them as a dict
-        {"table", "attention", "chart", "embedding"}."""
-        emb = self.embed(volumeNode, model, plane, maxSlices)
-        return self.showResults(volumeNode, emb, model.rank(emb, prompts), tableNode, attentionNode, chartNode)
-
-    def showResults(self, volumeNode, emb, ranked, tableNode=None, attentionNode=None, chartNode=None):
-        scene = volumeNode.GetScene()
-        tableNode = tableNode or scene.AddNewNodeByClass("vtkMRMLTableNode", f"{volumeNode.GetName()} prompts")
-        self.fillTable(tableNode, ranked)
-        attentionNode = attentionNode or scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
-                                                                  f"{volumeNode.GetName()} slice attention")
-        self.updateAttentionVolume(attentionNode, volumeNode, emb)
-        chartNode = chartNode or scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{volumeNode.GetName()} attention")
-        self.updatePlot(chartNode, volumeNode, emb)
-        return {"table": tableNode, "attention": attentionNode, "chart": chartNode, "embedding": emb}
+    def volumeRequest(self, volumeNode, segmentationNode=None) -> dict:
+        """What a rank request needs of the scene: the voxels (a view, no copy), the IJK-to-RAS
+        matrix, a key for them and, with a segmentation, its label map and segment names."""
+        fields = {"array": slicer.util.arrayFromVolume(checkVolumeNode(volumeNode)),
+                  "ijk_to_ras": ijkToRasArray(volumeNode), "volume_key": self.volumeKey(volumeNode)}
+        if segmentationNode is not None:
+            labels, names = self.labelMapFromSegmentation(segmentationNode, volumeNode)
+            fields.update(labelmap=labels, segments=names)
+        return fields
 
     @staticmethod
-    def fillTable(tableNode, ranked, segment=None):
-        """Prompt, probability, cosine (best first); with `segment`, a list of (segment name, ranked)
-        fills segment, prompt, probability, cosine — each segment's prompts best first."""
-        groups = [(None, ranked)] if segment is None else segment
-        names = SEGMENT_TABLE_COLUMNS if segment is not None else TABLE_COLUMNS
-        columns = [vtk.vtkStringArray() for _ in names[:-2]] + [vtk.vtkDoubleArray(), vtk.vtkDoubleArray()]
-        for column, name in zip(columns, names):
-            column.SetName(name)
-        for segmentName, rows in groups:
-            for r in rows:
-                values = ([segmentName] if segment is not None else []) + [r.prompt]
-                for column, value in zip(columns, values):
-                    column.InsertNextValue(value)
-                columns[-2].InsertNextValue(r.probability)
-                columns[-1].InsertNextValue(r.cosine)
-        table = vtk.vtkTable()
-        for column in columns:
-            table.AddColumn(column)
-        tableNode.SetAndObserveTable(table)
-        tableNode.SetLocked(True)
-        return tableNode
-
-    # ------------------------------------------------------------------ per segment (fVLM)
-    @staticmethod
-    def labelMapFromSegmentation(segmentationNode, referenceVolumeNode) -> LabelMap:
-        """The segments as one label map on the reference volume's grid, with their names."""
+    def labelMapFromSegmentation(segmentationNode, referenceVolumeNode):
+        """The segments as one label array on the reference volume's grid, and {label: name}."""
         scene = referenceVolumeNode.GetScene()
         segmentIds = vtk.vtkStringArray()
         segmentationNode.GetSegmentation().GetSegmentIDs(segmentIds)
@@ -151,47 +84,92 @@ class RadCLIPSlicerMRMLLogic:
             # the exporter numbers the segments 1, 2, ... in the order of their IDs
             names = {i + 1: segmentationNode.GetSegmentation().GetSegment(segmentIds.GetValue(i)).GetName()
                      for i in range(segmentIds.GetNumberOfValues())}
-            volume = Volume.from_ijk_to_ras(slicer.util.arrayFromVolume(labelmapNode).copy(),
-                                            ijkToRasArray(labelmapNode))
+            labels = slicer.util.arrayFromVolume(labelmapNode).copy()
+            if labels.shape != slicer.util.arrayFromVolume(referenceVolumeNode).shape:
+                raise RadCLIPError(f"'{segmentationNode.GetName()}' could not be put on the grid of "
+                                   f"'{referenceVolumeNode.GetName()}'")
         finally:
             scene.RemoveNode(labelmapNode)
             # the exporter also adds a visible '<segmentation>_ColorTable' node: leave no strays
             for node in _nodesByClass(scene, "vtkMRMLColorTableNode"):
                 if node.GetID() not in colorTablesBefore:
                     scene.RemoveNode(node)
-        return LabelMap(volume, names)
+        return labels, names
 
-    def rankSegments(self, volumeNode, segmentationNode, prompts, model, plane="auto", maxSlices=None,
-                     tableNode=None, minPatches=1.0):
-        """Rank `prompts` for each segment's anatomy embedding, into one table (segment, prompt,
-        probability, cosine). Returns {"table", "missing": {segment name: reason}}."""
-        checkVolumeNode(volumeNode)
-        labels = self.labelMapFromSegmentation(segmentationNode, volumeNode)
-        # every segment is asked for by its label, so an empty one is reported, never silently dropped
-        result = anatomy_embeddings(model, volumeFromNode(volumeNode), labels, labels=sorted(labels.names),
-                                    plane=plane, max_slices=maxSlices, min_patches=minPatches)
-        if not result.embeddings:
-            why = "; ".join(f"{result.names[v]}: {reason}" for v, reason in sorted(result.missing.items()))
-            raise RadCLIPError(f"no segment of '{segmentationNode.GetName()}' can be ranked ({why})")
-        return self.showSegmentResults(volumeNode, result, model, prompts, tableNode)
+    # ------------------------------------------------------------------ results (GUI thread: MRML writes)
+    def showResults(self, volumeNode, result: dict, tableNode=None, attentionNode=None, chartNode=None,
+                    prompt: str | None = None) -> dict:
+        """Fill (or create) the table, the attention volume and the chart from a worker `result`.
+        The viewers show `prompt`'s relevance (default: the best prompt). Returns the nodes and
+        what the overlay shows."""
+        scene = volumeNode.GetScene()
+        tableNode = tableNode or scene.AddNewNodeByClass("vtkMRMLTableNode", f"{volumeNode.GetName()} prompts")
+        self.fillTable(tableNode, [(None, result["prompts"])])
+        attentionNode = attentionNode or scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                                                  f"{volumeNode.GetName()} slice relevance")
+        chartNode = chartNode or scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{volumeNode.GetName()} slices")
+        shown = self.showPrompt(volumeNode, result, prompt or result["prompts"][0]["text"], attentionNode, chartNode)
+        return {"table": tableNode, "attention": attentionNode, "chart": chartNode, **shown}
 
-    def showSegmentResults(self, volumeNode, anatomy, model, prompts, tableNode=None):
-        """Fill the per-segment table from `anatomy` (RadCLIPCore.anatomy.AnatomyEmbeddings)."""
-        groups = [(anatomy.names[v], model.rank(vec, prompts)) for v, vec in sorted(anatomy.embeddings.items())]
-        tableNode = tableNode or volumeNode.GetScene().AddNewNodeByClass(
-            "vtkMRMLTableNode", f"{volumeNode.GetName()} prompts per segment")
-        self.fillTable(tableNode, None, segment=groups)
-        return {"table": tableNode, "missing": {anatomy.names[v]: why for v, why in anatomy.missing.items()},
-                "anatomy": anatomy}
+    def showPrompt(self, volumeNode, result: dict, prompt: str, attentionNode, chartNode) -> dict:
+        """Show `prompt`'s per-slice relevance over the viewers and in the chart (beside the
+        adapter's attention when the model has one)."""
+        entry = next((p for p in result["prompts"] if p["text"] == prompt), None)
+        if entry is None:
+            raise RadCLIPError(f"'{prompt}' is not among the ranked prompts")
+        relevance = np.asarray(entry["relevance"], dtype=np.float32)
+        visible = self.updateAttentionVolume(attentionNode, volumeNode, relevance, result["slice_axis"])
+        attentionNode.SetAttribute("RadCLIP.prompt", prompt)
+        attentionNode.SetAttribute("RadCLIP.plane", result["plane"])
+        curves = {}
+        if result.get("pooling") == "adapter":
+            curves["adapter attention"] = np.asarray(result["slice_weights"], dtype=float)
+        curves[f"relevance: {prompt}"] = relevance.astype(float)
+        self.updatePlot(chartNode, volumeNode, curves, result["slice_axis"], result["plane"])
+        return {"prompt": prompt, "peak_slice": int(np.argmax(relevance)), "overlay_visible": visible}
 
     @staticmethod
-    def attentionGeometry(volumeNode, emb) -> tuple:
+    def fillTable(tableNode, groups):
+        """`groups` = [(segment name or None, prompts best first)]: columns prompt, probability,
+        cosine, with a segment column in front when the groups are segments."""
+        segments = any(name is not None for name, _ in groups)
+        names = SEGMENT_TABLE_COLUMNS if segments else TABLE_COLUMNS
+        columns = [vtk.vtkStringArray() for _ in names[:-2]] + [vtk.vtkDoubleArray(), vtk.vtkDoubleArray()]
+        for column, name in zip(columns, names):
+            column.SetName(name)
+        for segmentName, rows in groups:
+            for r in rows:
+                for column, value in zip(columns, ([segmentName] if segments else []) + [r["text"]]):
+                    column.InsertNextValue(value)
+                columns[-2].InsertNextValue(r["probability"])
+                columns[-1].InsertNextValue(r["cosine"])
+        table = vtk.vtkTable()
+        for column in columns:
+            table.AddColumn(column)
+        tableNode.SetAndObserveTable(table)
+        tableNode.SetUseColumnTitleAsColumnHeader(True)  # table row r is view row r (no header row)
+        tableNode.SetLocked(True)
+        return tableNode
+
+    def showSegmentResults(self, volumeNode, result: dict, tableNode=None) -> dict:
+        """The per-segment table (segment, prompt, probability, cosine) from a worker `result`."""
+        if not result.get("segments"):
+            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(result.get("missing_segments", {}).items()))
+            raise RadCLIPError(f"no segment can be ranked ({why})")
+        tableNode = tableNode or volumeNode.GetScene().AddNewNodeByClass(
+            "vtkMRMLTableNode", f"{volumeNode.GetName()} prompts per segment")
+        self.fillTable(tableNode, [(s["segment"], s["prompts"]) for s in result["segments"]])
+        return {"table": tableNode, "missing": dict(result.get("missing_segments", {}))}
+
+    # ------------------------------------------------------------------ geometry
+    @staticmethod
+    def attentionGeometry(volumeNode, sliceAxis: int) -> tuple:
         """(shape (k, j, i), IJK-to-RAS 4x4) of the compact attention volume: the pooled axis keeps
         every slice at the input's positions; each in-plane axis is one voxel spanning the input's
         whole extent. Its slice s coincides in RAS with the input's slice s."""
         matrix = ijkToRasArray(volumeNode)
         dims = volumeNode.GetImageData().GetDimensions()  # (i, j, k)
-        pooled = 2 - emb.slice_axis  # numpy axis -> IJK axis
+        pooled = ijk_axis(sliceAxis)
         out = matrix.copy()
         centre = np.zeros(3)
         size = [1, 1, 1]
@@ -204,11 +182,13 @@ class RadCLIPSlicerMRMLLogic:
         out[:3, 3] = matrix[:3, :3] @ centre + matrix[:3, 3]
         return (size[2], size[1], size[0]), out
 
-    def updateAttentionVolume(self, attentionNode, volumeNode, emb):
-        shape, matrix = self.attentionGeometry(volumeNode, emb)
-        weights = np.asarray(emb.slice_weights, dtype=np.float32)
-        array = weights.reshape(shape)  # exactly one axis has length n
-        slicer.util.updateVolumeFromArray(attentionNode, array)
+    def updateAttentionVolume(self, attentionNode, volumeNode, weights, sliceAxis: int) -> bool:
+        """Per-slice `weights` (sum 1) as a compact volume over the input. Slices above the uniform
+        level are coloured, the rest are transparent; a flat curve is not shown at all (a veil over
+        every slice would say nothing). Returns whether the overlay shows anything."""
+        shape, matrix = self.attentionGeometry(volumeNode, sliceAxis)
+        weights = np.asarray(weights, dtype=np.float32)
+        slicer.util.updateVolumeFromArray(attentionNode, weights.reshape(shape))  # one axis has length n
         vtkMatrix = vtk.vtkMatrix4x4()
         for r in range(4):
             for c in range(4):
@@ -219,45 +199,56 @@ class RadCLIPSlicerMRMLLogic:
         display = attentionNode.GetDisplayNode()
         if volumeNode.GetScene().GetNodeByID(HEAT_COLOR_NODE_ID) is not None:
             display.SetAndObserveColorNodeID(HEAT_COLOR_NODE_ID)
+        uniform, peak = 1.0 / len(weights), float(weights.max())
+        visible = peak > uniform * (1 + FLAT)
         display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(0.0, float(weights.max()))
+        display.SetWindowLevelMinMax(uniform, peak if visible else uniform * (1 + FLAT))
+        display.SetApplyThreshold(True)  # below the uniform level: transparent, not a dark veil
+        display.SetLowerThreshold(uniform if visible else peak + 1.0)
+        display.SetUpperThreshold(max(peak, uniform) + 1.0)
         display.SetInterpolate(False)
+        display.SetVisibility(visible)
         attentionNode.SetAttribute("RadCLIP.sourceVolumeID", volumeNode.GetID())
-        attentionNode.SetAttribute("RadCLIP.plane", emb.plane)
-        return attentionNode
+        attentionNode.SetAttribute("RadCLIP.sliceAxis", str(sliceAxis))
+        return visible
 
     @staticmethod
-    def slicePositionsMm(volumeNode, emb) -> np.ndarray:
+    def slicePositionsMm(volumeNode, sliceAxis: int, count: int) -> np.ndarray:
         """Signed distance (mm) of each input slice along the pooled axis from slice 0."""
-        matrix = ijkToRasArray(volumeNode)
-        step = np.linalg.norm(matrix[:3, 2 - emb.slice_axis])
-        return np.arange(len(emb.slice_weights)) * step
+        step = np.linalg.norm(ijkToRasArray(volumeNode)[:3, ijk_axis(sliceAxis)])
+        return np.arange(count) * step
 
-    def updatePlot(self, chartNode, volumeNode, emb):
+    def updatePlot(self, chartNode, volumeNode, curves: dict, sliceAxis: int, plane: str):
+        """One series per curve ({name: per-slice values}) over the slice number, updated in place."""
+        n = len(next(iter(curves.values())))
         tableNode = self._referenced(chartNode, "RadCLIP.table", "vtkMRMLTableNode", f"{chartNode.GetName()} data")
         table = vtk.vtkTable()
-        for name, values in (("slice", np.arange(len(emb.slice_weights), dtype=float)),
-                             ("position (mm)", self.slicePositionsMm(volumeNode, emb)),
-                             ("weight", emb.slice_weights.astype(float))):
+        columns = {"slice": np.arange(n, dtype=float),
+                   "position (mm)": self.slicePositionsMm(volumeNode, sliceAxis, n), **curves}
+        for name, values in columns.items():
             column = vtk.vtkDoubleArray()
             column.SetName(name)
             for v in values:
                 column.InsertNextValue(float(v))
             table.AddColumn(column)
         tableNode.SetAndObserveTable(table)
-        series = self._referenced(chartNode, "RadCLIP.series", "vtkMRMLPlotSeriesNode", "slice weight")
-        series.SetAndObserveTableNodeID(tableNode.GetID())
-        series.SetXColumnName("slice")
-        series.SetYColumnName("weight")
-        series.SetPlotType(series.PlotTypeScatter)
-        series.SetMarkerStyle(series.MarkerStyleCircle)
-        series.SetColor(0.85, 0.2, 0.1)
         chartNode.RemoveAllPlotSeriesNodeIDs()
-        chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
-        chartNode.SetTitle(f"{volumeNode.GetName()}: {emb.plane} slice attention ({emb.pooling})")
-        chartNode.SetXAxisTitle(f"{emb.plane} slice")
-        chartNode.SetYAxisTitle("weight")
-        chartNode.SetLegendVisibility(False)
+        colors = {"adapter attention": (0.85, 0.2, 0.1)}
+        for index, name in enumerate(curves):
+            role = f"RadCLIP.series{index}"
+            series = self._referenced(chartNode, role, "vtkMRMLPlotSeriesNode", name)
+            series.SetName(name)
+            series.SetAndObserveTableNodeID(tableNode.GetID())
+            series.SetXColumnName("slice")
+            series.SetYColumnName(name)
+            series.SetPlotType(series.PlotTypeScatter)
+            series.SetMarkerStyle(series.MarkerStyleCircle)
+            series.SetColor(*colors.get(name, (0.1, 0.35, 0.85)))
+            chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
+        chartNode.SetTitle(f"{volumeNode.GetName()}: where along the volume ({plane} slices)")
+        chartNode.SetXAxisTitle(f"{plane} slice")
+        chartNode.SetYAxisTitle("weight (sums to 1)")
+        chartNode.SetLegendVisibility(len(curves) > 1)
         return chartNode
 
     @staticmethod
@@ -270,13 +261,19 @@ class RadCLIPSlicerMRMLLogic:
         return node
 
     @staticmethod
-    def sliceCentreRas(volumeNode, emb, sliceIndex) -> np.ndarray:
+    def sliceCentreRas(volumeNode, sliceAxis: int, sliceIndex: int) -> np.ndarray:
         """RAS centre of input slice `sliceIndex` along the pooled axis (to move the viewers there)."""
         matrix = ijkToRasArray(volumeNode)
         dims = volumeNode.GetImageData().GetDimensions()
         ijk = np.array([(d - 1) / 2 for d in dims] + [1.0])
-        ijk[2 - emb.slice_axis] = sliceIndex
+        ijk[ijk_axis(sliceAxis)] = sliceIndex
         return (matrix @ ijk)[:3]
 
-    def mostAttendedSliceRas(self, volumeNode, emb) -> np.ndarray:
-        return self.sliceCentreRas(volumeNode, emb, emb.most_attended_slice)
+    def peakSliceRas(self, volumeNode, attentionNode) -> np.ndarray:
+        """RAS centre of the input slice where the shown curve peaks, read from the attention volume
+        itself (no model, no worker: works after a scene reload too)."""
+        if attentionNode is None or attentionNode.GetImageData() is None:
+            raise RadCLIPError("rank the prompts first")
+        sliceAxis = int(attentionNode.GetAttribute("RadCLIP.sliceAxis") or 0)
+        weights = slicer.util.arrayFromVolume(attentionNode).ravel()
+        return self.sliceCentreRas(volumeNode, sliceAxis, int(np.argmax(weights)))
