@@ -21,7 +21,7 @@ from .errors import RadCLIPError
 from .fileutil import atomic_path
 from .io import read_volume
 from .losses import anatomy_info_nce
-from .pretrain import SliceEmbeddingCache, Temperature, _common_args, _export, _setup, _train_config
+from .pretrain import SliceEmbeddingCache, Temperature, _common_args, _export, _origin, _setup, _train_config
 from .reports import anatomy_texts, read_lexicon
 from .training import Trainer, setup_distributed, teardown_distributed
 
@@ -84,6 +84,16 @@ def collate_studies(batch):
     return tuple(torch.stack([b[k] for b in batch]) for k in range(4))
 
 
+def _varied(studies) -> bool:
+    """Whether some anatomy has two different texts (a finding and normal, or two findings) among
+    the studies where it is found: else the anatomy loss has nothing to contrast."""
+    kinds = {}
+    for _, valid, ids, normal in studies:
+        for a in torch.nonzero(valid).flatten().tolist():
+            kinds.setdefault(a, set()).add(-1 if normal[a] else int(ids[a]))
+    return any(len(k) > 1 for k in kinds.values())
+
+
 def run_anatomy(args) -> dict:
     ctx = setup_distributed(args.device)
     try:
@@ -94,7 +104,7 @@ def run_anatomy(args) -> dict:
         model = setup.model
         missing_masks = [s for s in setup.train + setup.val if s.mask is None]
         if missing_masks:
-            raise RadCLIPError(f"{len(missing_masks)} manifest row(s) have no 'mask' column value (row "
+            raise RadCLIPError(f"{len(missing_masks)} manifest row(s) have no 'mask' column value (line "
                                f"{missing_masks[0].row}); anatomy training needs a label map per study")
         cache = AnatomyFeatureCache(args.cache_dir or Path(args.output) / "embedding_cache", model, args.plane,
                                     args.max_slices, labels, args.min_patches)
@@ -106,13 +116,12 @@ def run_anatomy(args) -> dict:
                 try:
                     feats, valid = cache.study(s.image, s.mask, names)
                 except RadCLIPError as exc:
-                    setup.rejects.reject(s, str(exc))
+                    setup.reject(s, str(exc))
                     continue
                 texts, normal = anatomy_texts(s.text, lexicon, names)
                 prepared.append((split, feats, valid, [texts[v] for v in labels], [normal[v] for v in labels]))
                 for t in texts.values():
                     all_texts.setdefault(t, len(all_texts))
-        setup.report_bad(ctx)
         if ctx.main:
             print(f"anatomy feature cache {cache.root}: {cache.computed} computed, {cache.reused} reused")
         text_list = sorted(all_texts)
@@ -121,17 +130,30 @@ def run_anatomy(args) -> dict:
         for split, feats, valid, texts, normal in prepared:
             studies[split].append((feats.float(), valid, torch.tensor([text_index[t] for t in texts]),
                                    torch.tensor(normal)))
+        validates = setup.check_contrast(
+            ctx, len(studies["train"]), _varied(studies["train"]), _varied(studies["val"]) if studies["val"] else None,
+            "no anatomy of the lexicon has two different texts (a finding and the normal template, or two "
+            "findings) among the training studies; give reports that name findings in the lexicon's anatomies",
+            "no anatomy of the lexicon has two different texts among the validation studies")
+        rows = setup.account(ctx, validates)
         head = AnatomyHead(model.dim, labels, {v: names.get(v, lexicon[v][0]) for v in labels})
         tower = AnatomyTower(head, Temperature(args.temperature, args.learn_temperature)).to(ctx.device)
 
         def loss_fn(module, batch):
             feats, valid, ids, normal = (t.to(ctx.device) for t in batch)
             inner = module.module if hasattr(module, "module") else module
-            return anatomy_info_nce(module(feats), text_emb[ids], valid, ids, normal, inner.temperature())
+            out, scale = module(feats), inner.temperature()
+            loss = anatomy_info_nce(out, text_emb[ids], valid, ids, normal, scale)
+            # a batch in which no anatomy has an abnormal text contributes nothing; it still has to
+            # reach every parameter, or backward (and DDP's gradient reduction) fails
+            return loss if loss.requires_grad else loss + 0 * (out.sum() + scale)
 
-        trainer = Trainer(tower, loss_fn, StudyDataset(studies["train"]), StudyDataset(studies["val"]),
-                          collate_studies, _train_config(args), args.output, ctx, progress=not args.no_progress,
-                          describe={"stage": "anatomy head (fVLM)"})
+        origin = _origin(args, setup, "anatomy", "plane", "max_slices", "min_patches",
+                         files=("lexicon", "label_names"))
+        trainer = Trainer(tower, loss_fn, StudyDataset(studies["train"]),
+                          StudyDataset(studies["val"]) if validates else None, collate_studies, _train_config(args),
+                          args.output, ctx, progress=not args.no_progress,
+                          describe={"stage": "anatomy head (fVLM)", "manifest_rows": rows}, origin=origin)
         summary = trainer.fit(resume=args.resume)
         trainer.load_best()
         model.anatomy_head = head.cpu().eval()

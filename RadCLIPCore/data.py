@@ -8,8 +8,10 @@ Columns:
 - 2D manifests may point at a volume plus `slice` (index along `plane`, counted in the input
   array's order; plane default auto);
 - anatomy-level manifests add `mask` (a label map aligned with the volume), and `text` is the report.
-Bad rows (missing file, empty text, bad slice index, unknown split) are collected with their
-reasons — never replaced by placeholders — and the good rows are kept.
+Bad rows (missing file, empty text, bad slice index, unknown split, damaged CSV quoting, the wrong
+number of fields) are collected with their line number and reason — never replaced by
+placeholders, never merged into a neighbour — and the good rows are kept. Every row of the file
+ends up either a `Sample` or in `Manifest.bad`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from .errors import RadCLIPError
 
 SPLITS = ("train", "val", "test")
+FIELDS = ("image", "text", "region", "modality", "condition", "split", "label", "slice", "plane", "mask")
 
 
 @dataclass
@@ -31,14 +34,16 @@ class Sample:
     label: str | None = None
     slice: int | None = None
     plane: str = "auto"
-    row: int = 0  # 1-based data row in the manifest, for messages
+    row: int = 0  # 1-based line of the manifest where the row starts, for messages
     mask: Path | None = None  # label map of the anatomies (anatomy-level training)
 
 
 @dataclass
 class Manifest:
     samples: list = field(default_factory=list)
-    bad: list = field(default_factory=list)  # (row, reason)
+    bad: list = field(default_factory=list)  # (line, reason)
+    path: Path | None = None
+    rows: int = 0  # rows in the file: each one ends up in `samples` or in `bad`
 
     def split(self, name) -> list:
         return [s for s in self.samples if s.split == name]
@@ -48,12 +53,17 @@ class Manifest:
         self.bad.append((row, reason))
 
     def report(self, limit=5) -> str | None:
-        """'N bad rows skipped: row 3: ...; row 9: ...' or None."""
+        """'N bad manifest row(s) skipped in m.csv: line 3: ...; line 9: ...; and 4 more (lines 11, ...)'
+        or None: every bad row is named, the first `limit` with their reason."""
         if not self.bad:
             return None
-        shown = "; ".join(f"row {r}: {why}" for r, why in sorted(self.bad)[:limit])
-        more = f"; and {len(self.bad) - limit} more" if len(self.bad) > limit else ""
-        return f"{len(self.bad)} bad manifest row(s) skipped: {shown}{more}"
+        bad = sorted(self.bad)
+        shown = "; ".join(f"line {r}: {why}" for r, why in bad[:limit])
+        rest = [str(r) for r, _ in bad[limit:]]
+        more = (f"; and {len(rest)} more (lines {', '.join(rest[:100])}{', ...' if len(rest) > 100 else ''})"
+                if rest else "")
+        where = f" in {self.path.name}" if self.path else ""
+        return f"{len(self.bad)} bad manifest row(s) skipped{where}: {shown}{more}"
 
 
 def build_text(region=None, modality=None, condition=None) -> str:
@@ -65,22 +75,78 @@ def build_text(region=None, modality=None, condition=None) -> str:
 
 
 def _rows(path: Path):
-    text = path.read_text(encoding="utf-8-sig")
+    """(line, row dict or None, problem or None) for every row of the file; blank lines are not rows."""
+    lines = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(lines, 1):
             if line.strip():
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line, object_pairs_hook=_no_duplicate_keys)
                 except ValueError as exc:
-                    yield n, None, f"not JSON ({exc.msg})"
+                    yield n, None, f"not JSON ({getattr(exc, 'msg', exc)})"
                     continue
                 yield n, row if isinstance(row, dict) else None, None if isinstance(row, dict) else "not an object"
     else:
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames or "image" not in reader.fieldnames:
-            raise RadCLIPError(f"manifest '{path}' has no 'image' column (columns: {reader.fieldnames})")
-        for n, row in enumerate(reader, 1):
-            yield n, row, None
+        yield from _csv_rows(path, lines)
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise ValueError(f"key '{twice}' appears twice")
+    return dict(pairs)
+
+
+def _parse_csv(lines: list):
+    """The one record that `lines` hold, or None (bad quoting, or not exactly one record)."""
+    try:
+        records = list(csv.reader([line + "\n" for line in lines], strict=True))
+    except csv.Error:
+        return None
+    return records[0] if len(records) == 1 else None
+
+
+def _csv_rows(path: Path, lines: list):
+    """CSV rows, one per physical line, except a quoted field that spans lines (a report with line
+    breaks). Quoting damage is found, not followed: a quote that never closes, or one whose record
+    would swallow lines that are rows themselves, makes that one line bad, and reading goes on at
+    the next line, so a stray quote cannot eat the rest of the file."""
+    start = next((i for i, line in enumerate(lines) if line.strip()), None)
+    header = _parse_csv([lines[start]]) if start is not None else None
+    header = [h.strip() for h in header] if header else header
+    if not header or "image" not in header:
+        raise RadCLIPError(f"manifest '{path}' has no 'image' column (columns: {header})")
+    twice = next((h for h in header if h and header.count(h) > 1), None)
+    if twice:
+        raise RadCLIPError(f"manifest '{path}' has the column '{twice}' twice; rename or remove one")
+    width = len(header)
+    i = start + 1
+    while i < len(lines):
+        n, end = i + 1, i
+        if not lines[i].strip():
+            i += 1
+            continue
+        if lines[i].count('"') % 2:  # a quote opens here and closes on a later line, or never
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].count('"') % 2), None)
+            rows_inside = [j + 1 for j in range(i + 1, (end or i) + 1) if len(_parse_csv([lines[j]]) or ()) == width]
+            if end is None or rows_inside:
+                yield n, None, ("unbalanced quote (no later line closes it)" if end is None else
+                                f"unbalanced quote: closing it on line {end + 1} would merge line(s) "
+                                f"{', '.join(map(str, rows_inside[:5]))} into this row")
+                i += 1
+                continue
+        fields = _parse_csv(lines[i:end + 1])
+        i = end + 1
+        if fields is None:
+            yield n, None, "damaged quoting (a quote inside a quoted field must be doubled)"
+        elif not any(f.strip() for f in fields):
+            continue  # a row of empty fields (a spreadsheet's trailing ',,,') is no row
+        elif len(fields) < width or any(f.strip() for f in fields[width:]):
+            yield n, None, (f"{len(fields)} fields, the header has {width} (a missing comma, or an unquoted "
+                            f"comma inside a value?)")
+        else:
+            yield n, dict(zip(header, fields)), None
 
 
 def read_manifest(path) -> Manifest:
@@ -93,7 +159,7 @@ def read_manifest(path) -> Manifest:
         rows = list(_rows(path))
     except UnicodeDecodeError:
         raise RadCLIPError(f"manifest '{path}' is not UTF-8 text") from None
-    manifest = Manifest()
+    manifest = Manifest(path=path, rows=len(rows))
     for n, row, problem in rows:
         if problem:
             manifest.reject(n, problem)
@@ -113,6 +179,9 @@ def _clean(value):
 
 
 def _sample(row: dict, root: Path, n: int):
+    nested = next((k for k in FIELDS if isinstance(row.get(k), (list, dict))), None)
+    if nested:
+        return None, f"'{nested}' is a list or an object, not one value"
     image = _clean(row.get("image"))
     if image is None:
         return None, "no image path"

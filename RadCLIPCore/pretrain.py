@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -76,23 +78,41 @@ class AdapterTower(nn.Module):
 
 
 # --------------------------------------------------------------------------- data
-def split_samples(train: Manifest, val_manifest, seed: int, val_fraction=0.1):
-    """(train samples, val samples): a val manifest, else the `split` column, else a seeded 10%."""
+class Split(NamedTuple):
+    train: list
+    val: list
+    unused: dict  # rows set aside: {"test": n[, "val_in_train_manifest": n]}
+    seeded_val: bool  # the validation rows are a seeded share of the rows without a split
+
+
+def split_samples(train: Manifest, val_manifest, seed: int, val_fraction=0.1) -> Split:
+    """Which rows train and which validate; rows with split 'test' never train.
+
+    With a --val-manifest its rows (but 'test') validate; the training manifest's 'train' and blank
+    rows train and its 'val' rows are set aside. Else, when some rows say 'train' or 'val', a blank
+    split means train. Else (no split given, or only 'test') a seeded 10% of the rows validates.
+    """
+    rows = train.samples
+    unused = {"test": sum(s.split == "test" for s in rows)}
+    usable = [s for s in rows if s.split in (None, "train")]
     if val_manifest is not None:
-        return train.samples, val_manifest.samples
-    if any(s.split for s in train.samples):
-        return train.split("train"), train.split("val")
-    order = torch.randperm(len(train.samples), generator=torch.Generator().manual_seed(seed)).tolist()
+        unused["test"] += sum(s.split == "test" for s in val_manifest.samples)
+        unused["val_in_train_manifest"] = sum(s.split == "val" for s in rows)
+        return Split(usable, [s for s in val_manifest.samples if s.split != "test"], unused, False)
+    if any(s.split in ("train", "val") for s in rows):
+        return Split(usable, train.split("val"), unused, False)
+    order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, round(len(order) * val_fraction)) if len(order) >= 10 else 0
     val_idx = set(order[:n_val])
-    return ([s for i, s in enumerate(train.samples) if i not in val_idx],
-            [s for i, s in enumerate(train.samples) if i in val_idx])
+    return Split([s for i, s in enumerate(usable) if i not in val_idx],
+                 [s for i, s in enumerate(usable) if i in val_idx], unused, n_val > 0)
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
     """Stage 1: 2D images (or volume slices) preprocessed once, kept as float16 [0, 1] single channel."""
 
-    def __init__(self, samples, text_index: dict, config, manifest: Manifest):
+    def __init__(self, samples, text_index: dict, config, manifest):
+        """`manifest.reject(sample, reason)` hears of the rows whose image cannot be used."""
         self.items, self.config = [], config
         prepared = {}
         for s in samples:
@@ -121,17 +141,40 @@ def collate_images(batch):
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
 
 
+def hash_weights(h, *modules):
+    """Feed each module's state dict (names and float32 bytes, sorted by name) into the hash `h`."""
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().float().numpy().tobytes())
+    return h
+
+
+def weights_fingerprint(clip) -> str:
+    """A CLIP model's identity: every weight, and the architecture settings of its config (not
+    its path or library version), so two models are told apart even where their weights agree."""
+    def settings(value):
+        if isinstance(value, dict):
+            return {k: settings(v) for k, v in value.items()
+                    if not str(k).startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+        return value
+
+    h = hash_weights(hashlib.blake2b(digest_size=16), clip)
+    h.update(json.dumps(settings(clip.config.to_dict()), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def file_fingerprint(path) -> str:
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+
+
 class SliceEmbeddingCache:
     """On-disk float16 per-slice embeddings, keyed by file content + encoder weights + preprocessing."""
 
     def __init__(self, root, model, plane, max_slices):
         self.root = Path(root)
         self.model, self.plane, self.max_slices = model, plane, max_slices
-        h = hashlib.blake2b(digest_size=16)
-        for name, tensor in sorted(model.clip.vision_model.state_dict().items()) + \
-                sorted(model.clip.visual_projection.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().float().numpy().tobytes())
+        h = hash_weights(hashlib.blake2b(digest_size=16), model.clip.vision_model, model.clip.visual_projection)
         h.update(repr((model.preprocess.to_dict(), plane, max_slices)).encode())
         self.fingerprint = h.hexdigest()
         self.computed = self.reused = 0
@@ -243,6 +286,8 @@ def _autocast(ctx, precision):
 
 
 def _train_config(args) -> TrainConfig:
+    if args.batch_size < 2:  # a batch of one has no other pair to contrast with: its loss is 0
+        raise RadCLIPError(f"--batch-size must be at least 2 for a contrastive loss, got {args.batch_size}")
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        warmup_steps=args.warmup_steps, patience=args.patience, accum_steps=args.accum_steps,
                        seed=args.seed, num_workers=args.workers)
@@ -253,46 +298,138 @@ def _card(stage, args, summary, n_train, n_val, extra="") -> str:
             f"from `{Path(args.train_manifest).name}`; loss `{args.loss}` "
             f"({'false-negative-aware' + (f', normal texts /{args.normal_pattern}/ grouped' if args.normal_pattern else '') if args.loss == 'calibrated' else 'plain InfoNCE'}), "
             f"AdamW lr {args.lr} (cosine), weight decay {args.weight_decay}, global batch {args.batch_size}, "
-            f"{summary['epochs_run']} epoch(s), best validation loss {summary['best_loss']:.4f} at epoch "
+            f"{summary['epochs_run']} epoch(s), best {summary['monitor']} {summary['best_loss']:.4f} at epoch "
             f"{summary['best_epoch'] + 1}{' (stopped early)' if summary['stopped_early'] else ''}. {extra}")
+
+
+def _origin(args, setup, stage, *flags, files=()) -> dict:
+    """What a run's weights depend on besides its TrainConfig: recorded in every checkpoint and
+    compared on --resume (training.Trainer), so a resume cannot continue from other weights, data
+    or settings. Keys are what the user can change: flags, files (by content) and the starting
+    model (by weights fingerprint)."""
+    origin = {"stage": stage}
+    for flag in ("loss", "normal_pattern", "temperature", "learn_temperature", *flags):
+        origin["--" + flag.replace("_", "-")] = getattr(args, flag)
+    for flag in ("train_manifest", "val_manifest", *files):
+        path = getattr(args, flag)
+        origin[f"--{flag.replace('_', '-')} contents"] = file_fingerprint(path) if path else None
+    origin["weights"] = setup.fingerprint
+    origin["preprocessing"] = setup.model.preprocess.to_dict()
+    return origin
 
 
 @dataclass
 class _Setup:
-    """What both stages start from: manifests, the base model (frozen), the train/val samples, each
-    distinct text embedded once by the frozen text tower, and the positive group of each text."""
+    """What every stage starts from: manifests, the base model (frozen) and its fingerprint, the
+    train/val samples and the rows set aside, each distinct text embedded once by the frozen text
+    tower, and the positive group of each text."""
 
     manifest: Manifest
     val_manifest: Manifest | None
     model: object
-    train: list
-    val: list
+    split: Split
     text_index: dict
     text_emb: torch.Tensor
     groups: torch.Tensor
+    fingerprint: str
+    rejected: set = field(default_factory=set)  # ids of the samples rejected after reading
+
+    def __post_init__(self):
+        self._from_val = {id(s) for s in self.val_manifest.samples} if self.val_manifest else set()
 
     @property
-    def rejects(self) -> Manifest:
-        """Where rows that fail later (unreadable images) are reported."""
-        return self.val_manifest or self.manifest
+    def train(self) -> list:
+        return self.split.train
 
-    def report_bad(self, ctx):
-        for manifest in filter(None, (self.manifest, self.val_manifest)):
-            msg = manifest.report()
-            if msg and ctx.main:
-                logging.getLogger("RadCLIPCore").warning(msg)
+    @property
+    def val(self) -> list:
+        return self.split.val
+
+    def reject(self, sample: Sample, reason: str):
+        """A row that fails later (an unreadable image) becomes a bad row of the manifest it came from."""
+        (self.val_manifest if id(sample) in self._from_val else self.manifest).reject(sample, reason)
+        self.rejected.add(id(sample))
+
+    def check_contrast(self, ctx, n_train: int, train_ok: bool, val_ok: bool | None, train_problem: str,
+                       val_problem: str) -> bool:
+        """Refuse a training set with nothing to contrast; False when the validation loss cannot compare
+        epochs (`val_ok` None: no validation rows).
+
+        A contrastive loss compares each pair with the other texts of its batch. Training rows with
+        one distinct text (or positive group) leave nothing to learn: refused. Validation rows with
+        one give the same validation loss every epoch (log of the batch size, 0 for a single row),
+        so early stopping would keep epoch 1 and export an untrained model. That case warns and
+        falls back to the training loss, as a run without validation rows does: the training itself
+        is sound, and a refusal would force a new split on small data sets where no useful
+        validation exists.
+        """
+        if not n_train:
+            reports = [m.report() for m in (self.manifest, self.val_manifest) if m is not None and m.report()]
+            raise RadCLIPError("no usable training rows" + (f" ({'; '.join(reports)})" if reports else ""))
+        if not train_ok:
+            raise RadCLIPError(f"nothing to contrast: {train_problem}")
+        if val_ok is False and ctx.main:
+            logging.getLogger("RadCLIPCore").warning(
+                f"{val_problem}, so the contrastive validation loss is the same every epoch and cannot pick the "
+                f"best one; early stopping and the exported epoch follow the training loss instead. Give the "
+                f"validation rows at least two different texts (the 'split' column or --val-manifest)")
+        return val_ok is not False
+
+    def contrast(self, ctx, items: dict, args) -> bool:
+        """`check_contrast` for items {"train"|"val": [(..., text id)]}: distinct positive groups
+        (calibrated loss) or distinct texts (plain InfoNCE) per split."""
+        names = {i: t for t, i in self.text_index.items()}
+        group = self.groups.tolist() if args.loss == "calibrated" else list(range(len(names)))
+        kinds = {split: {group[x[-1]]: names[x[-1]] for x in rows} for split, rows in items.items()}
+        grouped = " (or one that --normal-pattern groups with it)" if args.normal_pattern else ""
+
+        def problem(split, rows):
+            return f"every {rows} row has the text '{next(iter(kinds[split].values()), '')}'{grouped}"
+
+        return self.check_contrast(ctx, len(items["train"]), len(kinds["train"]) > 1,
+                                   len(kinds["val"]) > 1 if items["val"] else None,
+                                   problem("train", "training") + "; contrastive training needs at least two "
+                                   "different texts among the training rows", problem("val", "validation"))
+
+    def account(self, ctx, validates: bool = True) -> dict:
+        """Warn about the bad rows, state in one line where every manifest row went, return the counts."""
+        manifests = [m for m in (self.manifest, self.val_manifest) if m is not None]
+        for m in manifests:
+            if m.report() and ctx.main:
+                logging.getLogger("RadCLIPCore").warning(m.report())
+        used = {k: [s for s in rows if id(s) not in self.rejected] for k, rows in (("train", self.train),
+                                                                                     ("val", self.val))}
+        counts = {"train": len(used["train"]), "val": len(used["val"]), **self.split.unused,
+                  "bad": sum(len(m.bad) for m in manifests)}
+        blank = sum(s.split is None for s in used["train"])
+        train_note = f" ({blank} without a split)" if blank and not self.split.seeded_val and (
+            self.val_manifest is not None or any(s.split for s in self.manifest.samples)) else ""
+        val_note = (" (no validation: early stopping watches the training loss)" if not used["val"] else
+                    " (not used for early stopping: see the warning)" if not validates else
+                    " (a seeded 10% of the rows without a split)" if self.split.seeded_val else "")
+        parts = [f"{counts['train']} train{train_note}", f"{counts['val']} val{val_note}",
+                 f"{counts['test']} test (not used)"]
+        if "val_in_train_manifest" in counts:
+            parts.append(f"{counts['val_in_train_manifest']} val in the training manifest (not used: "
+                         f"--val-manifest given)")
+        parts.append(f"{counts['bad']} bad (skipped)")
+        if ctx.main:
+            print("manifest rows: " + ", ".join(parts), flush=True)
+        return dict(counts, without_split=blank, total=sum(m.rows for m in manifests))
 
 
 def _setup(args, ctx) -> _Setup:
+    _train_config(args).check()  # settings errors before any work
     torch.manual_seed(args.seed)
     train_m = read_manifest(args.train_manifest)
     val_m = read_manifest(args.val_manifest) if args.val_manifest else None
     model = _load_base(args, ctx)
     model.clip.requires_grad_(False)
-    train_s, val_s = split_samples(train_m, val_m, args.seed)
-    text_index, text_emb = _texts(model, train_s + val_s)
+    split = split_samples(train_m, val_m, args.seed)
+    text_index, text_emb = _texts(model, split.train + split.val)
     groups = positive_groups(text_index, args.normal_pattern)
-    return _Setup(train_m, val_m, model, train_s, val_s, text_index, text_emb.to(ctx.device), groups.to(ctx.device))
+    return _Setup(train_m, val_m, model, split, text_index, text_emb.to(ctx.device), groups.to(ctx.device),
+                  weights_fingerprint(model.clip))
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -311,9 +448,10 @@ def run_stage1(args) -> dict:
         tower.visual_projection.requires_grad_(True)
         if args.grad_checkpointing:
             clip.gradient_checkpointing_enable()
-        train_set = ImageTextDataset(setup.train, setup.text_index, model.preprocess, setup.rejects)
-        val_set = ImageTextDataset(setup.val, setup.text_index, model.preprocess, setup.rejects)
-        setup.report_bad(ctx)
+        train_set = ImageTextDataset(setup.train, setup.text_index, model.preprocess, setup)
+        val_set = ImageTextDataset(setup.val, setup.text_index, model.preprocess, setup)
+        validates = setup.contrast(ctx, {"train": train_set.items, "val": val_set.items}, args)
+        rows = setup.account(ctx, validates)
         calibrated = args.loss == "calibrated"
 
         def loss_fn(module, batch):
@@ -324,8 +462,10 @@ def run_stage1(args) -> dict:
             ids = ids.to(ctx.device)
             return info_nce(feats, text_emb[ids], inner.temperature(), groups[ids] if calibrated else None)
 
-        trainer = Trainer(tower, loss_fn, train_set, val_set, collate_images, _train_config(args), args.output, ctx,
-                          progress=not args.no_progress, describe={"stage": "stage 1 (2D image encoder)"})
+        trainer = Trainer(tower, loss_fn, train_set, val_set if validates else None, collate_images,
+                          _train_config(args), args.output, ctx, progress=not args.no_progress,
+                          describe={"stage": "stage 1 (2D image encoder)", "manifest_rows": rows},
+                          origin=_origin(args, setup, "stage 1", "vision_dropout"))
         summary = trainer.fit(resume=args.resume)
         trainer.load_best()
         model.temperature = tower.temperature.value
@@ -344,7 +484,9 @@ def _export(model, args, ctx, card, summary, stage):
         save_model(model, out, card=card, training={"stage": stage, "manifest": str(args.train_manifest),
                                                     "loss": args.loss, "epochs_run": summary["epochs_run"],
                                                     "best_epoch": summary["best_epoch"],
-                                                    "best_val_loss": summary["best_loss"], "seed": args.seed})
+                                                    "best_val_loss": summary["best_loss"] if summary["monitor"] ==
+                                                    "validation loss" else None, "monitor": summary["monitor"],
+                                                    "seed": args.seed})
     return str(out)
 
 
@@ -358,17 +500,18 @@ def run_stage2(args) -> dict:
                                     args.max_slices)
         # each rank fills the cache for its share of the volumes, then reads the others' shares
         everything = [("train", s) for s in setup.train] + [("val", s) for s in setup.val]
-        loaded = {i: _cached(cache, s, setup.rejects) for i, (_, s) in enumerate(everything)
+        loaded = {i: _cached(cache, s, setup) for i, (_, s) in enumerate(everything)
                   if i % ctx.world == ctx.rank}
         ctx.barrier()
         items = {"train": [], "val": []}
         for i, (split, s) in enumerate(everything):
-            slices = loaded[i] if i in loaded else _cached(cache, s, setup.rejects)
+            slices = loaded[i] if i in loaded else _cached(cache, s, setup)
             if slices is not None:
                 items[split].append((slices, setup.text_index[s.text]))
-        setup.report_bad(ctx)
+        validates = setup.contrast(ctx, items, args)
         if ctx.main:
             print(f"slice-embedding cache {cache.root}: {cache.computed} computed, {cache.reused} reused")
+        rows = setup.account(ctx, validates)
         dim = model.dim
         adapter = SlicePoolingAdapter(AdapterConfig(dim=dim, num_heads=args.adapter_heads, pos_anchors=args.pos_anchors,
                                                     dropout=args.adapter_dropout))
@@ -382,8 +525,11 @@ def run_stage2(args) -> dict:
 
         train_set = VolumeTextDataset(items["train"], args.slice_subsample, args.seed)
         val_set = VolumeTextDataset(items["val"])
-        trainer = Trainer(tower, loss_fn, train_set, val_set, collate_volumes, _train_config(args), args.output, ctx,
-                          progress=not args.no_progress, describe={"stage": "stage 2 (slice-pooling adapter)"})
+        origin = _origin(args, setup, "stage 2", "plane", "max_slices", "adapter_heads", "pos_anchors",
+                         "adapter_dropout", "slice_subsample")
+        trainer = Trainer(tower, loss_fn, train_set, val_set if validates else None, collate_volumes,
+                          _train_config(args), args.output, ctx, progress=not args.no_progress,
+                          describe={"stage": "stage 2 (slice-pooling adapter)", "manifest_rows": rows}, origin=origin)
         summary = trainer.fit(resume=args.resume)
         trainer.load_best()
         from .model import RadCLIPModel
@@ -401,11 +547,11 @@ def run_stage2(args) -> dict:
         teardown_distributed()
 
 
-def _cached(cache, sample: Sample, manifest: Manifest):
+def _cached(cache, sample: Sample, setup: _Setup):
     try:
         return cache.get(sample.image)
     except RadCLIPError as exc:
-        manifest.reject(sample, str(exc))
+        setup.reject(sample, str(exc))
         return None
 
 
@@ -486,6 +632,6 @@ def main_stage2(argv=None) -> int:
 
 def _done(summary) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"model: {summary['model']}  (best epoch {summary['best_epoch'] + 1}, "
-              f"validation loss {summary['best_loss']:.4f}{', stopped early' if summary['stopped_early'] else ''})")
+        print(f"model: {summary['model']}  (best epoch {summary['best_epoch'] + 1}, {summary['monitor']} "
+              f"{summary['best_loss']:.4f}{', stopped early' if summary['stopped_early'] else ''})")
     return 0

@@ -6,6 +6,10 @@ epoch, early stopping on it (patience), an atomic checkpoint every epoch (`check
 plus the best one (`checkpoints/best.pt`), and exact resume: model, optimizer, scheduler, epoch,
 early-stopping state and RNG state are restored, and the data order of epoch e depends only on
 (seed, e), so a run killed mid-epoch and resumed ends at the same weights as an uninterrupted one.
+Every checkpoint records what the run was trained from (`origin`: the starting weights'
+fingerprint, the manifests' contents, the settings that shape the weights; see
+`pretrain._origin`), and a resume refuses, in one line that names the difference, to continue
+from a checkpoint of other weights, data or settings, or from a damaged one.
 
 Distributed: launched by torchrun, it uses torch.distributed (NCCL on GPUs, gloo on CPU), a
 DistributedSampler, DDP for the trainable module, and losses that gather features over ranks
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import time
@@ -31,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .errors import RadCLIPError
 from .fileutil import atomic_path, atomic_write_text
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: checkpoints record their origin
 
 
 @dataclass
@@ -230,17 +235,65 @@ class MetricsLog:
         return path
 
 
+# --------------------------------------------------------------------------- checkpoints
+class DamagedCheckpoint(RadCLIPError):
+    pass
+
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint's payload; DamagedCheckpoint, naming the file, if it is missing, empty, damaged
+    (truncated) or not a training checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedCheckpoint(f"{path} is missing")
+    if path.stat().st_size == 0:
+        raise DamagedCheckpoint(f"{path} is empty (0 bytes)")
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:
+        payload = None
+    if not isinstance(payload, dict) or not {"version", "module", "epoch", "config"} <= set(payload):
+        raise DamagedCheckpoint(f"{path} is damaged (truncated?) or not a training checkpoint")
+    return payload
+
+
+def _show(value) -> str:
+    return "not set" if value is None else ("on" if value else "off") if isinstance(value, bool) else (
+        repr(value) if isinstance(value, str) else str(value))
+
+
+def _difference(key: str, old, new) -> str:
+    """One line saying how a checkpoint's origin entry `key` differs from this run's."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        sub = next(k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k))
+        return _difference(f"{key} {sub}", old.get(sub), new.get(sub))
+
+    def short(h):
+        return f"{h[:12]}..." if isinstance(h, str) else "none"
+
+    if key == "weights":
+        return (f"the starting model differs from the checkpoint's (weights fingerprint {short(old)} vs "
+                f"{short(new)}); use the same --model, or a new --output")
+    if key.endswith(" contents"):
+        flag = key.split()[0]
+        return (f"the file given to {flag} differs from the one the checkpoint was trained on (contents "
+                f"{short(old)} vs {short(new)}); use that file, or a new --output")
+    return f"{key} was {_show(old)} in the checkpoint, now {_show(new)}"
+
+
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
     """Train `module` (its parameters with requires_grad) on `compute_loss(module, batch)`.
 
     `train_set`/`val_set` are map-style datasets; `collate` builds a batch. The same loss runs on
-    validation batches (in eval mode, no grad). `out_dir` receives checkpoints and logs.
+    validation batches (in eval mode, no grad); without validation rows early stopping and the best
+    epoch follow the training loss. `out_dir` receives checkpoints and logs. `origin` (JSON-like) says
+    what the run was trained from; it is recorded in checkpoints and must match on resume.
     """
 
     def __init__(self, module: torch.nn.Module, compute_loss: Callable, train_set: Dataset, val_set: Dataset | None,
                  collate: Callable, config: TrainConfig, out_dir, ctx: DistContext, progress: bool = True,
-                 describe: dict | None = None):
+                 describe: dict | None = None, origin: dict | None = None):
         config.check()
         if config.batch_size % ctx.world:
             raise RadCLIPError(f"batch size {config.batch_size} is not divisible by the {ctx.world} processes")
@@ -251,6 +304,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.progress = progress and ctx.main
         self.describe = describe or {}
+        self.origin = origin or {}
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         if not self.trainable:
             raise RadCLIPError("nothing to train: no parameter requires a gradient")
@@ -299,24 +353,40 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "config": asdict(self.config),
             "describe": self.describe,
+            "origin": self.origin,
         }
         with atomic_path(self.ckpt_dir / name) as tmp:
             torch.save(payload, tmp)
 
-    def load_checkpoint(self, path) -> dict:
-        try:
-            payload = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise RadCLIPError(f"cannot resume from '{path}': {str(exc).splitlines()[0][:160]}") from None
-        if payload.get("version") != CHECKPOINT_VERSION:
-            raise RadCLIPError(f"'{path}' is not a checkpoint of this version")
-        for key in ("batch_size", "lr", "epochs", "accum_steps", "seed"):
-            if payload["config"].get(key) != getattr(self.config, key):
+    def check_checkpoint(self, payload: dict, path):
+        """Refuse (one line naming the difference) a checkpoint of another version, schedule, origin
+        or set of trainable weights than this run's."""
+        version = payload["version"]
+        if version != CHECKPOINT_VERSION:
+            older = isinstance(version, int) and version < CHECKPOINT_VERSION
+            raise RadCLIPError(f"cannot resume from {path}: it was written by "
+                               + ("an older RadCLIPSlicer and does not record what the run was trained from"
+                                  if older else "another version of RadCLIPSlicer") + "; use a new --output")
+        for key, value in asdict(self.config).items():
+            if key != "num_workers" and payload["config"].get(key) != value:
                 raise RadCLIPError(f"cannot resume: --{key.replace('_', '-')} was {payload['config'].get(key)} "
-                                   f"in the checkpoint, now {getattr(self.config, key)}")
-        missing = set(self._trainable_state()) - set(payload["module"])
-        if missing:
-            raise RadCLIPError(f"cannot resume from '{path}': it lacks {sorted(missing)[:3]}")
+                                   f"in the checkpoint, now {value}")
+        recorded = payload.get("origin", {})
+        for key in dict.fromkeys([*self.origin, *recorded]):
+            if recorded.get(key) != self.origin.get(key):
+                raise RadCLIPError("cannot resume: " + _difference(key, recorded.get(key), self.origin.get(key)))
+        mine, theirs = self._trainable_state(), payload["module"]
+        if set(mine) != set(theirs):
+            odd = sorted(set(mine) ^ set(theirs))[:3]
+            raise RadCLIPError(f"cannot resume from {path}: its trainable weights are not this run's ({odd})")
+        for name, tensor in mine.items():
+            if theirs[name].shape != tensor.shape:
+                raise RadCLIPError(f"cannot resume from {path}: {name} has shape {tuple(theirs[name].shape)} there, "
+                                   f"{tuple(tensor.shape)} now (a setting that shapes the weights changed)")
+
+    def load_checkpoint(self, path) -> dict:
+        payload = read_checkpoint(path)
+        self.check_checkpoint(payload, path)
         self.module.load_state_dict(payload["module"], strict=False)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -327,11 +397,64 @@ class Trainer:
             torch.cuda.set_rng_state_all(payload["cuda_rng"])
         return payload
 
-    def load_best(self):
+    def resume(self):
+        """Continue from checkpoints/last.pt (or best.pt when last.pt is damaged), after checking
+        that best.pt holds the best epoch's weights, which the run exports at the end."""
+        last, best = self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt"
+        if not last.exists():
+            raise RadCLIPError(f"nothing to resume: {last} does not exist")
+        log = logging.getLogger("RadCLIPCore")
+        try:
+            payload = self.load_checkpoint(last)
+        except DamagedCheckpoint as damaged:
+            # best.pt holds the same full state (weights, optimizer, schedule, RNG, early stopping)
+            # at an earlier epoch, and epoch e's data order depends only on (seed, e): resuming from
+            # it trains the later epochs again and ends at the same weights; only time is lost
+            if not best.is_file():
+                raise RadCLIPError(f"cannot resume: {damaged}, and there is no best.pt to fall back on; "
+                                   f"use a new --output") from None
+            try:
+                payload = self.load_checkpoint(best)
+            except DamagedCheckpoint as also:
+                raise RadCLIPError(f"cannot resume: {damaged}, and {also}; use a new --output") from None
+            if self.ctx.main:
+                log.warning(f"{damaged}; resuming from best.pt (epoch {payload['epoch'] + 1}) instead: the epochs "
+                            f"after it are trained again")
+        if self.early.best_epoch < 0:
+            return
+        try:
+            self._best_payload()
+        except DamagedCheckpoint as damaged:
+            if payload["epoch"] != self.early.best_epoch:
+                # exporting another epoch's weights would be a model that is not the best epoch's
+                # while the card and summary say it is: refuse rather than export a wrong result
+                raise RadCLIPError(f"cannot resume: {damaged}; it held the weights of the best epoch "
+                                   f"({self.early.best_epoch + 1}), which the run exports at the end. Use a new "
+                                   f"--output to train again") from None
+            # the checkpoint resumed from is the best epoch's own state: best.pt is written again from it
+            if self.ctx.main:
+                log.warning(f"{damaged}; written again from last.pt, which holds the same (best) epoch")
+                with atomic_path(best) as tmp:
+                    torch.save(payload, tmp)
+
+    def _best_payload(self) -> dict:
         path = self.ckpt_dir / "best.pt"
-        if path.exists():
-            payload = torch.load(str(path), map_location="cpu", weights_only=True)
-            self.module.load_state_dict(payload["module"], strict=False)
+        payload = read_checkpoint(path)
+        if payload["epoch"] != self.early.best_epoch:
+            raise DamagedCheckpoint(f"{path} holds epoch {payload['epoch'] + 1}, not the best epoch "
+                                    f"{self.early.best_epoch + 1}")
+        self.check_checkpoint(payload, path)
+        return payload
+
+    def load_best(self):
+        """Load the best epoch's weights (checkpoints/best.pt) into the module, for the export."""
+        if self.early.best_epoch < 0:
+            return
+        try:
+            payload = self._best_payload()
+        except DamagedCheckpoint as damaged:
+            raise RadCLIPError(f"cannot export the best epoch: {damaged}; use a new --output to train again") from None
+        self.module.load_state_dict(payload["module"], strict=False)
 
     # ----------------------------------------------------------------- loop
     def _batches(self, loader, desc):
@@ -353,7 +476,9 @@ class Trainer:
         for batch in self._batches(self.val_loader, "validation"):
             total += float(self._run_loss(batch))
             count += 1
-        # every rank computed the global-batch loss; agree on the mean anyway (uneven tails)
+        # every rank computed the global-batch loss; agree on the mean anyway (uneven tails). A last
+        # batch of one pair has loss 0 every epoch: it scales the mean by a constant factor and does
+        # not change which epoch is best (a validation set of one text is refused in pretrain)
         return self.ctx.all_agree(total / max(count, 1))
 
     def train_epoch(self, log: MetricsLog):
@@ -385,10 +510,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         """Train until the last epoch or early stopping. Returns a summary dict."""
         if resume:
-            last = self.ckpt_dir / "last.pt"
-            if not last.exists():
-                raise RadCLIPError(f"nothing to resume: {last} does not exist")
-            self.load_checkpoint(last)
+            self.resume()
         elif self.ctx.main and (self.ckpt_dir / "last.pt").exists():
             raise RadCLIPError(f"'{self.out_dir}' already holds a run; use --resume, or another output folder")
         self.ctx.barrier()
@@ -418,9 +540,11 @@ class Trainer:
         finally:
             log.close()
         curve = log.plot(self.out_dir / "loss_curves.png", f"{self.describe.get('stage', 'training')} loss")
+        monitor = "validation loss" if self.val_loader is not None else "training loss"
         if self.ctx.main:
             atomic_write_text(self.out_dir / "summary.json", json.dumps({
                 "epochs_run": self.epoch, "stopped_early": stopped_early, "best_epoch": self.early.best_epoch,
-                "best_loss": self.early.best, "steps": self.step, **self.describe}, indent=2) + "\n")
+                "best_loss": self.early.best, "monitor": monitor, "steps": self.step, **self.describe},
+                indent=2) + "\n")
         return {"stopped_early": stopped_early, "best_epoch": self.early.best_epoch, "best_loss": self.early.best,
-                "epochs_run": self.epoch, "loss_curves": str(curve) if curve else None}
+                "monitor": monitor, "epochs_run": self.epoch, "loss_curves": str(curve) if curve else None}

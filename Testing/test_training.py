@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -29,11 +28,16 @@ STAGE2 = REPO / "Training" / "pretrain_adapter.py"
 
 @pytest.fixture(scope="session")
 def even_slices(demo):
-    """16 training + 4 validation slices (divisible by 2 processes and the batch)."""
+    """16 training + 4 validation slices (divisible by 2 processes and the batch), half of each text."""
     out, slices, _ = demo
     rows = list(csv.DictReader(open(slices)))
-    train = [r for r in rows if r["split"] == "train"][:16]
-    val = [r for r in rows if r["split"] == "val"][:4]
+    texts = sorted({r["text"] for r in rows})
+    assert len(texts) == 2
+
+    def take(split, n):
+        return [r for t in texts for r in [x for x in rows if x["split"] == split and x["text"] == t][:n]]
+
+    train, val = take("train", 8), take("val", 2)
     path = out / "even.csv"
     write_manifest(path, train + val)
     return path
@@ -43,6 +47,32 @@ def run(script, *args, timeout=600, **kw):
     env = dict(os.environ, PYTHONPATH="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
+
+
+def run_code(code, *args, timeout=600):
+    env = dict(os.environ, PYTHONPATH="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+# runs a training script, SIGKILLing it right after it has logged step `step`
+_KILL_AFTER_STEP = """
+import os, runpy, signal, sys
+sys.path.insert(0, {repo!r})
+from RadCLIPCore import training
+write = training.MetricsLog.write
+
+
+def write_then_die(self, kind, record, tensorboard=True):
+    write(self, kind, record, tensorboard)
+    if kind == "steps" and record["step"] == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+training.MetricsLog.write = write_then_die
+sys.argv = [{script!r}] + sys.argv[1:]
+runpy.run_path({script!r}, run_name="__main__")
+"""
 
 
 def stage1_args(manifest, out, *extra):
@@ -123,8 +153,10 @@ def test_bad_manifest_rows_are_reported_and_skipped(demo, tmp_path):
     out, _, _ = demo
     good = sorted((out / "slices").glob("*.png"))[:12]
     (tmp_path / "junk.png").write_bytes(b"not a png")
-    rows = [{"image": str(p), "text": "Brain MRI", "split": "train"} for p in good[:10]]
-    rows += [{"image": str(p), "region": "Chest", "modality": "CT", "split": "val"} for p in good[10:12]]
+    rows = [{"image": str(p), "text": ("Brain MRI", "Chest CT")[i % 2], "split": "train"}
+            for i, p in enumerate(good[:10])]
+    rows += [{"image": str(good[10]), "region": "Chest", "modality": "CT", "split": "val"},
+             {"image": str(good[11]), "region": "Brain", "modality": "MRI", "split": "val"}]
     rows += [{"image": str(tmp_path / "missing.png"), "text": "Brain MRI"},
              {"image": str(good[0]), "text": "  "},
              {"image": str(tmp_path / "junk.png"), "text": "Brain MRI", "split": "train"},
@@ -137,9 +169,10 @@ def test_bad_manifest_rows_are_reported_and_skipped(demo, tmp_path):
     res = run(STAGE1, *stage1_args(manifest, tmp_path / "run", "--epochs", 1, "--batch-size", 4))
     assert res.returncode == 0, res.stderr
     warning = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warning) == 1 and "4 bad manifest row(s) skipped" in warning[0]
+    assert len(warning) == 1 and "4 bad manifest row(s) skipped in m.csv" in warning[0]
     for reason in ("file not found", "empty text", "cannot read", "unknown split"):
         assert reason in warning[0], reason
+    assert "manifest rows: 10 train, 2 val, 0 test (not used), 4 bad (skipped)" in res.stdout.splitlines()
 
 
 @pytest.mark.parametrize("content,match", [("a,b\n1,2\n", "no 'image' column"), ("image,text\nnope.png,x\n", "no usable rows")])
@@ -220,36 +253,46 @@ def test_cosine_schedule_from_base_lr(tmp_path):
 
 
 _SAVER = """
-import sys, torch
+import io, os, signal, sys, torch
 sys.path.insert(0, {repo!r})
 from RadCLIPCore.training import Trainer, TrainConfig, DistContext
-m = torch.nn.Linear(4000, 4000)
-t = Trainer(m, lambda mod, b: mod(b).sum(), [torch.zeros(4000)] * 4, None, torch.stack, TrainConfig(batch_size=2),
+m = torch.nn.Linear(1000, 1000)
+t = Trainer(m, lambda mod, b: mod(b).sum(), [torch.zeros(1000)] * 4, None, torch.stack, TrainConfig(batch_size=2),
             {out!r}, DistContext(), progress=False)
-t.epoch = 0
-t.save_checkpoint("last.pt")
-print("ready", flush=True)
-while True:
-    t.epoch += 1
+real_save = torch.save
+
+
+def save_then_die(obj, path):  # killed inside the save: half of the file is on disk
+    data = io.BytesIO()
+    real_save(obj, data)
+    with open(path, "wb") as fh:
+        fh.write(data.getvalue()[: len(data.getvalue()) // 2])
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+for epoch in range({kill_at} + 1):
+    t.epoch = epoch
     with torch.no_grad():
-        m.weight.fill_(float(t.epoch))
+        m.weight.fill_(float(epoch))  # every checkpoint's weights say which epoch it is
+    if epoch == {kill_at}:
+        torch.save = save_then_die
     t.save_checkpoint("last.pt")
 """
 
 
-def test_a_kill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path):
-    for attempt in range(3):
-        out = tmp_path / f"run{attempt}"
-        proc = subprocess.Popen([sys.executable, "-c", _SAVER.format(repo=str(REPO), out=str(out))],
-                                stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.3 + 0.37 * attempt)  # saves take ~0.1-0.3 s each: land inside one
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        payload = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-        weight = payload["module"]["weight"]
-        assert torch.all(weight == weight.flatten()[0]) and float(weight[0, 0]) == payload["epoch"]
-        assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")] == ["last.pt"]
+@pytest.mark.parametrize("kill_at", [1, 2])
+def test_a_kill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path, kill_at):
+    """The kill lands inside a save by construction (no timing): the previous checkpoint survives whole."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", _SAVER.format(repo=str(REPO), out=str(out), kill_at=kill_at)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    payload = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    weight = payload["module"]["weight"]
+    assert payload["epoch"] == kill_at - 1 and torch.all(weight == kill_at - 1)
+    assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")] == ["last.pt"]
 
 
 # ------------------------------------------------------------------- stage 1
@@ -292,20 +335,13 @@ def test_killed_mid_epoch_and_resumed_ends_at_the_same_weights(demo, tmp_path):
     spe = len([1 for line in (straight / "steps.jsonl").read_text().splitlines() if json.loads(line)["epoch"] == 0])
 
     killed = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(STAGE1), *map(str, [killed if a is None else a for a in args])],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # killed without warning right after step 2 of epoch 3 is logged: by construction, not by timing
+    code = _KILL_AFTER_STEP.format(repo=str(REPO), script=str(STAGE1), step=2 * spe + 2)
+    res = run_code(code, *[killed if a is None else a for a in args])
+    assert res.returncode == -signal.SIGKILL, res.stderr
     steps = killed / "steps.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until epoch 3 has started, then kill without warning
-        if steps.exists() and len(steps.read_text().splitlines()) >= 2 * spe + 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
     done = len(steps.read_text().splitlines())
-    assert 2 * spe < done < 3 * spe, "the kill must land mid-epoch"
+    assert done == 2 * spe + 2 < 3 * spe, "the kill must land mid-epoch"
     assert torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
     res = run(STAGE1, *[killed if a is None else a for a in args], "--resume")
     assert res.returncode == 0, res.stderr

@@ -55,6 +55,7 @@ class WorkerClient:
         self._process = None
         self._events: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
+        self._files = itertools.count(1)
         self._pending: dict = {}  # id -> the request (kept to resend voxels on `need_volume`)
         self._known_volumes: set = set()  # volume keys this worker process holds
         self._resend: dict = {}  # id -> (voxels, key) of a request that sent the key alone
@@ -181,7 +182,7 @@ class WorkerClient:
             return encode_array(np.asarray(array))
         if key is not None and key in self._volume_files:
             return {"npy": self._volume_files[key]}
-        path = Path(self._tmp.name) / f"volume-{next(self._ids)}.npy"
+        path = Path(self._tmp.name) / f"voxels-{next(self._files)}.npy"
         np.save(path, np.asarray(array), allow_pickle=False)
         if key is not None:
             for old in self._volume_files.values():  # keep one file: the current volume
