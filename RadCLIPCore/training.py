@@ -479,7 +479,11 @@ class Trainer:
         # every rank computed the global-batch loss; agree on the mean anyway (uneven tails). A last
         # batch of one pair has loss 0 every epoch: it scales the mean by a constant factor and does
         # not change which epoch is best (a validation set of one text is refused in pretrain)
-        return self.ctx.all_agree(total / max(count, 1))
+        value = self.ctx.all_agree(total / max(count, 1))
+        if not math.isfinite(value):
+            raise RadCLIPError(f"the validation loss is {value} at epoch {self.epoch + 1}: the model diverged; "
+                               f"lower --lr (now {self.config.lr}); the last good checkpoint is kept")
+        return value
 
     def train_epoch(self, log: MetricsLog):
         self.module.train()
@@ -495,6 +499,11 @@ class Trainer:
             sync = self.wrapped.no_sync() if (self.ctx.distributed and not last_micro) else nullcontext()
             with sync:
                 loss = self._run_loss(batch)
+                if not torch.isfinite(loss.detach()).all():
+                    # never train on, or export, weights that a NaN/Inf has reached
+                    raise RadCLIPError(f"training diverged: the loss is {float(loss.detach())} at epoch "
+                                       f"{self.epoch + 1}, step {self.step + 1}; lower --lr (now {self.config.lr}) "
+                                       "or check the data; the last good checkpoint is kept")
                 (loss / accum).backward()
             losses.append(float(loss.detach()))
             if last_micro:

@@ -236,3 +236,15 @@ def test_damaged_checkpoints_through_the_entry_point(adapter_run, bases, tmp_pat
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_nan_loss_stops_the_run_with_one_line_instead_of_exporting_it(tmp_path):
+    from RadCLIPCore import RadCLIPError
+    from RadCLIPCore.training import DistContext, TrainConfig, Trainer
+
+    layer = torch.nn.Linear(2, 2)
+    data = [torch.ones(2) for _ in range(4)]
+    trainer = Trainer(layer, lambda module, batch: module(batch).sum() * float("nan"), data, None, torch.stack,
+                      TrainConfig(epochs=2, batch_size=2), tmp_path, DistContext(), progress=False)
+    with pytest.raises(RadCLIPError, match="training diverged: the loss is nan at epoch 1, step 1"):
+        trainer.fit()
