@@ -17,30 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from .commands.serve import serve as serve_main
+from .commands.common import OneLineParser, guarded, positive_int, progress_bar
 from .errors import RadCLIPError
 from .fileutil import atomic_path, atomic_write_text, check_output_file
 from .io import IMAGE_SUFFIXES, _looks_like_dicom, check_readable, read_volume
 from .preprocessing import PLANES, check_volume_shape
 
-EXIT_USER_ERROR = 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one `error:` line and exit 2, like every other user error."""
-
-    def error(self, message):
-        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {' '.join(message.split())} (see --help)\n")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _model_options(p):
@@ -194,67 +176,6 @@ def _cmd_embed(args) -> int:
             tmp.write_bytes(buf.getvalue())
     print(f"wrote {out}")
     return 0
-
-
-@contextmanager
-def progress_bar(desc: str, unit: str):
-    """A `progress(done, total)` callback drawing a tqdm bar on stderr (hidden when not a terminal)."""
-    from tqdm.auto import tqdm
-
-    bar = None
-
-    def progress(done, total):
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None)
-        bar.update(done - bar.n)
-
-    try:
-        yield progress
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-class _OneLine(logging.Formatter):
-    def format(self, record):
-        return f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}"
-
-
-def guarded(run) -> int:
-    """Run `run()` (returns an exit status) with one-line errors and warnings on stderr.
-
-    RadCLIPError -> `error: ...`, exit 2; Ctrl-C -> exit 130; anything else -> one line, exit 1
-    (RADCLIP_DEBUG=1 shows the traceback). Used by the CLI and the Training entry points.
-    """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLine())
-    logger = logging.getLogger("RadCLIPCore")
-    saved = logger.handlers[:], logger.level, logger.propagate  # may be called in-process
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO if os.environ.get("RADCLIP_VERBOSE") else logging.WARNING)
-    logger.propagate = False
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        return run()
-    except RadCLIPError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug or an unforeseen input: one line, traceback on request
-        if os.environ.get("RADCLIP_DEBUG"):
-            raise
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        print(f"error: unexpected {type(exc).__name__}: {first} (set RADCLIP_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ POOLING_NAMES = {"mean": "global average pooling", "adapter": "slice-pooling ada
 
 
 def parser():
-    from .cli import OneLineParser
+    from .commands.common import OneLineParser
 
     p = OneLineParser(prog="evaluate", description="RadCLIP evaluation: linear probe, top-1 image-text "
                                 "matching, zero-shot AUC, retrieval, and the encoder x pooling ablation.")
@@ -210,7 +210,7 @@ def markdown_table(rows, folds) -> str:
 
 
 def main(argv=None) -> int:
-    from .cli import guarded
+    from .commands.common import guarded
 
     args = parser().parse_args(argv)
     return guarded(lambda: (run(args), 0)[1])

@@ -1,7 +1,7 @@
 """PNG figures (matplotlib, imported only when a figure is asked for)."""
 from __future__ import annotations
 
-import io as _io
+import io
 
 import numpy as np
 
@@ -12,7 +12,7 @@ from .model import VolumeEmbedding
 from .preprocessing import prepare_volume
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -40,7 +40,7 @@ def plot_attention(emb: VolumeEmbedding, volume: Volume, path, top: int = 3, tit
     relevance (`{prompt: (slices,)}`, see `RadCLIPModel.slice_relevance`), with thumbnails of the
     `top` peak slices of the first curve shown. Uniform weights (mean pooling) are not drawn: a flat
     line says nothing about where the model looked."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(emb.slice_weights)
     curves = {}
     if emb.pooling != "mean":
@@ -72,11 +72,12 @@ def plot_attention(emb: VolumeEmbedding, volume: Volume, path, top: int = 3, tit
                    aspect=prepared.pixel_spacing[0] / prepared.pixel_spacing[1])
         sub.set_title(f"slice {i}: {lead[i]:.3f}", fontsize=9)
         sub.axis("off")
-    _save(fig, plt, path)
+    save_png(fig, plt, path)
 
 
-def _save(fig, plt, path):
-    buf = _io.BytesIO()
+def save_png(fig, plt, path):
+    """Write a figure as a PNG atomically (a kill mid-write leaves no half-written image) and close it."""
+    buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
     plt.close(fig)
@@ -87,7 +88,7 @@ def plot_roc(labels, scores, classes, path, title):
     """Zero-shot ROC curve per class (one-vs-rest), AUC in the legend."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     for i, c in enumerate(classes):
         truth = (labels == c).astype(int)
@@ -99,13 +100,13 @@ def plot_roc(labels, scores, classes, path, title):
     ax.set_ylabel("true positive rate")
     ax.set_title(f"zero-shot ROC: {title}", fontsize=9)
     ax.legend(fontsize=8)
-    _save(fig, plt, path)
+    save_png(fig, plt, path)
 
 
 def plot_confusion(labels, predictions, classes, path, title):
     from sklearn.metrics import confusion_matrix
 
-    plt = _pyplot()
+    plt = pyplot()
     matrix = confusion_matrix(labels, predictions.astype(labels.dtype), labels=classes)
     fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.0 * len(classes) + 2.5), dpi=100)
     ax.imshow(matrix, cmap="Blues")
@@ -116,13 +117,13 @@ def plot_confusion(labels, predictions, classes, path, title):
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    _save(fig, plt, path)
+    save_png(fig, plt, path)
 
 
 def plot_modality_recognition(scores: dict, path):
     """The paper's modality-recognition figure: per model, the mean probability of the correct
     prompt next to each distractor's."""
-    plt = _pyplot()
+    plt = pyplot()
     models = list(scores)
     prompts = list(next(iter(scores.values())))
     fig, ax = plt.subplots(figsize=(1.6 * len(models) + 4, 4), dpi=100)
@@ -134,4 +135,26 @@ def plot_modality_recognition(scores: dict, path):
     ax.set_ylim(0, 1)
     ax.set_title("modality recognition: correct prompt vs distractors")
     ax.legend(fontsize=8)
-    _save(fig, plt, path)
+    save_png(fig, plt, path)
+
+
+def plot_loss_curves(steps: list, epochs: list, path, title: str):
+    """Training loss per step (faint) and per epoch, and validation loss per epoch, from the
+    records of `steps.jsonl` and `epochs.jsonl`."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if steps:
+        ax.plot([s["epoch_float"] for s in steps], [s["loss"] for s in steps], color="tab:blue", alpha=0.3,
+                lw=0.8, label="train (step)")
+    if epochs:
+        ax.plot([e["epoch"] + 1 for e in epochs], [e["train_loss"] for e in epochs], "o-", color="tab:blue",
+                label="train (epoch mean)")
+        val = [(e["epoch"] + 1, e["val_loss"]) for e in epochs if e.get("val_loss") is not None]
+        if val:
+            ax.plot(*zip(*val), "s-", color="tab:red", label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("contrastive loss")
+    ax.set_title(title)
+    ax.legend()
+    save_png(fig, plt, path)
+    return path

@@ -202,37 +202,12 @@ class MetricsLog:
         """PNG of the training (per step, smoothed) and validation (per epoch) loss curves."""
         if not self.enabled:
             return None
+        from .plotting import plot_loss_curves
+
         try:
-            from .plotting import _pyplot
-
-            plt = _pyplot()
-        except RadCLIPError:
+            return plot_loss_curves(self.read("steps"), self.read("epochs"), path, title)
+        except RadCLIPError:  # matplotlib is optional
             return None
-        steps, epochs = self.read("steps"), self.read("epochs")
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        if steps:
-            ax.plot([s["epoch_float"] for s in steps], [s["loss"] for s in steps], color="tab:blue", alpha=0.3,
-                    lw=0.8, label="train (step)")
-        if epochs:
-            ax.plot([e["epoch"] + 1 for e in epochs], [e["train_loss"] for e in epochs], "o-", color="tab:blue",
-                    label="train (epoch mean)")
-            val = [(e["epoch"] + 1, e["val_loss"]) for e in epochs if e.get("val_loss") is not None]
-            if val:
-                ax.plot(*zip(*val), "s-", color="tab:red", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("contrastive loss")
-        ax.set_title(title)
-        ax.legend()
-        fig.tight_layout()
-        import io as _io
-
-        buf = _io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        from .fileutil import atomic_write_bytes
-
-        atomic_write_bytes(path, buf.getvalue())
-        return path
 
 
 # --------------------------------------------------------------------------- checkpoints
