@@ -18,11 +18,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .preprocessing import ConfigError, check_int, check_number, shown
 
 
 @dataclass
@@ -33,8 +35,36 @@ class AdapterConfig:
     pos_anchors: int = 32
     dropout: float = 0.5
 
+    def __post_init__(self):
+        # Checked here, for every way of making one (a model folder, training options), so a bad
+        # value is one line naming it rather than an error from deep inside torch.
+        self.dim = check_int("adapter.dim", self.dim)
+        if self.out_dim is not None:
+            self.out_dim = check_int("adapter.out_dim", self.out_dim)
+        self.num_heads = check_int("adapter.num_heads", self.num_heads)
+        if self.dim % self.num_heads:
+            raise ConfigError(f"'adapter.num_heads' must divide 'adapter.dim': {self.dim} is not divisible "
+                              f"by {self.num_heads}")
+        # two anchors at least: the table spans relative depth 0..1
+        self.pos_anchors = check_int("adapter.pos_anchors", self.pos_anchors, minimum=2)
+        self.dropout = check_number("adapter.dropout", self.dropout)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"'adapter.dropout' must be in [0, 1), got {shown(self.dropout)}")
+
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        known = [f.name for f in fields(cls)]
+        if not isinstance(data, dict):
+            raise ConfigError(f"'adapter' must be an object with {', '.join(known)}, got {shown(data)}")
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"'adapter.{unknown[0]}' is an unknown adapter setting (known: {', '.join(known)})")
+        if "dim" not in data:
+            raise ConfigError("'adapter.dim' is missing")
+        return cls(**data)
 
 
 def _valid_mask(padding_mask, batch, length, device):

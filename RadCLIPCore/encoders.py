@@ -14,6 +14,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from .errors import RadCLIPError
+from .preprocessing import ConfigError, check_int, check_number, shown
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 TOKENIZER_DIR = RESOURCES / "tokenizer"
@@ -37,7 +38,7 @@ def bundled_clip_config(name: str) -> CLIPConfig:
 
 
 def read_clip_config(config) -> CLIPConfig:
-    """A `CLIPConfig`, the name of a bundled config, or a path to a `config.json`."""
+    """A `CLIPConfig`, the name of a bundled config, or a path to a `config.json` (or its folder)."""
     if isinstance(config, CLIPConfig):
         return config
     if str(config) in BUNDLED_CONFIGS:
@@ -45,10 +46,67 @@ def read_clip_config(config) -> CLIPConfig:
     path = Path(config)
     if path.is_dir():
         path = path / "config.json"
+    if not path.is_file():
+        raise RadCLIPError(f"cannot read CLIP config '{config}': not found; pass a config.json, the folder "
+                           f"that holds one, or a bundled name ({', '.join(BUNDLED_CONFIGS)})")
     try:
-        return CLIPConfig.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError) as exc:
-        raise RadCLIPError(f"cannot read CLIP config '{config}': {exc}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RadCLIPError(f"cannot read CLIP config '{path}': {exc.strerror or exc}") from None
+    except ValueError as exc:  # bad JSON, or not UTF-8
+        raise RadCLIPError(f"cannot read CLIP config '{path}': not valid JSON ({exc})") from None
+    return clip_config_from_dict(data, path)
+
+
+# sizes the towers are built from: a string, 0 or a negative here crashes deep in torch or
+# builds a model the weights do not fit
+_SIZES = {"text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                          "num_attention_heads", "max_position_embeddings"),
+          "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "image_size", "patch_size")}
+
+
+def clip_config_from_dict(data, where) -> CLIPConfig:
+    """A checked `CLIPConfig` from the contents of a config.json; errors are one line naming the key."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    def bad(message):
+        return RadCLIPError(f"CLIP config '{where}' key {message}")
+
+    if not isinstance(data, dict):
+        raise RadCLIPError(f"CLIP config '{where}' must hold a JSON object, got {shown(data)}")
+    model_type = data.get("model_type", "clip")
+    if model_type != "clip":
+        raise RadCLIPError(f"CLIP config '{where}' describes a {shown(model_type)} model, not CLIP "
+                           "(model_type \"clip\"): pass a CLIP model")
+    try:
+        if "projection_dim" in data:
+            check_int("projection_dim", data["projection_dim"])
+        if "logit_scale_init_value" in data:
+            check_number("logit_scale_init_value", data["logit_scale_init_value"])
+        for tower, sizes in _SIZES.items():
+            if not isinstance(data.get(tower), dict):
+                raise ConfigError(f"'{tower}' must be an object, got {shown(data.get(tower))}")
+            given = {name: check_int(f"{tower}.{name}", data[tower][name]) for name in sizes if name in data[tower]}
+            if given.get("hidden_size", 0) % given.get("num_attention_heads", 1):
+                raise ConfigError(f"'{tower}.num_attention_heads' must divide '{tower}.hidden_size': "
+                                  f"{given['hidden_size']} is not divisible by {given['num_attention_heads']}")
+        config = CLIPConfig.from_dict(data)
+        v = config.vision_config
+        if v.image_size < v.patch_size:
+            raise ConfigError(f"'vision_config.image_size' must be at least the patch size {v.patch_size}, "
+                              f"got {v.image_size}")
+    except ConfigError as exc:
+        raise bad(exc) from None
+    except (StrictDataclassError, ValueError, TypeError) as exc:  # transformers' own checks of the rest
+        raise RadCLIPError(f"CLIP config '{where}' is not valid: {_last_line(exc)}") from None
+    return config
+
+
+def _last_line(exc) -> str:
+    """transformers' config errors say which field on their first line and what is wrong on the last."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def align_token_ids(config: CLIPConfig, tokenizer) -> CLIPConfig:
@@ -91,17 +149,32 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _device_choices() -> str:
+    choices = ["auto", "cpu"]
+    if _cuda_available():
+        choices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        choices.append("mps")
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
+
+
 def resolve_device(device="auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if _cuda_available() else "cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise RadCLIPError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise RadCLIPError(f"unknown device '{device}': use {_device_choices()}") from None
     if dev.type == "cuda" and not _cuda_available():
-        raise RadCLIPError(f"device '{device}' asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+        raise RadCLIPError(f"device '{device}' asked for, but this torch ({torch.__version__}) sees no CUDA GPU: "
+                           f"use {_device_choices()}")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise RadCLIPError(f"device '{device}' asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+        raise RadCLIPError(f"device '{device}' asked for, but only {torch.cuda.device_count()} GPU(s) are visible: "
+                           f"use {_device_choices()}")
+    # torch names more device types than we can compute on here ('meta' holds no data; xpu, hpu,
+    # mps... need their backend): refuse them now, not with a torch error halfway through loading
+    if dev.type not in ("cpu", "cuda") and not (dev.type == "mps" and torch.backends.mps.is_available()):
+        raise RadCLIPError(f"device '{device}' cannot run the model here: use {_device_choices()}")
     return dev
 
 

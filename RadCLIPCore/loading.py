@@ -10,6 +10,12 @@ Sources:
    `zluvolyote/RadCLIP` — read with `torch.load(weights_only=True)` onto the ViT-L/14
    architecture bundled in this package (or `config=`), so it works air-gapped.
 The preset name `radclip` downloads `RadCLIP.pth` from the hub (or finds it in the HF cache).
+
+Hub sources look in the cache first and use no network at all when the model is there. When it is
+not, a short bounded probe of the hub endpoint (`HF_ENDPOINT`) comes before any download, so that a
+machine without internet gets one whole line at once, not the hub client's retries and warnings.
+Every file and setting is checked before it is used: a wrong model folder is one line naming what
+is wrong, never wrong answers.
 """
 from __future__ import annotations
 
@@ -18,18 +24,24 @@ import logging
 import os
 import pickle
 import re
+import struct
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers import CLIPModel, CLIPTokenizer
 
 from .adapter import AdapterConfig, SlicePoolingAdapter
-from .encoders import align_token_ids, bundled_tokenizer, read_clip_config
+from .anatomy import AnatomyHead
+from .encoders import align_token_ids, bundled_tokenizer, read_clip_config, resolve_device, resolve_precision
 from .errors import RadCLIPError
 from .fileutil import atomic_path
 from .model import RadCLIPModel
-from .preprocessing import PreprocessConfig
+from .preprocessing import PLANES, ConfigError, PreprocessConfig, check_int, check_number, shown
 
 log = logging.getLogger("RadCLIPCore")
 
@@ -40,6 +52,9 @@ RADCLIP_CONFIG = "radclip_config.json"
 FORMAT_VERSION = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# what reading a damaged zip, pickle or index file raises (the parsers trip over whatever they meet)
+_DAMAGED = (EOFError, LookupError, OSError, RuntimeError, TypeError, AttributeError, ValueError, struct.error)
+HUB_PROBE_SECONDS = 5.0  # how long to wait for the hub endpoint before saying it cannot be reached
 
 
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, device="auto", precision="auto", *,
@@ -53,6 +68,7 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, device="auto", precisi
     """
     if pooling not in (None, "mean", "adapter"):
         raise RadCLIPError(f"unknown pooling '{pooling}': use mean or adapter")
+    resolve_precision(precision, resolve_device(device))  # a bad choice fails before any weights are read
     source = PRESETS.get(str(source), source)
     offline = _offline(offline)
     kwargs = dict(device=device, precision=precision, batch_size=batch_size)
@@ -64,7 +80,7 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, device="auto", precisi
         if path.is_file():
             return _load_state_dict(path, config, str(source), kwargs, pooling)
         if (path / RADCLIP_CONFIG).exists():
-            return _load_radclip_dir(path, kwargs, pooling)
+            return _with_pooling(_load_radclip_dir(path, kwargs, pooling), pooling)
         return _with_pooling(_load_hf_dir(path, kwargs), pooling)
     if _looks_like_path(str(source)):
         raise RadCLIPError(f"model not found: {source}")
@@ -93,25 +109,53 @@ def _with_pooling(model: RadCLIPModel, pooling):
 
 # --------------------------------------------------------------------------- source 1
 def _load_hf_dir(path: Path, kwargs, source=None) -> RadCLIPModel:
-    from transformers import CLIPModel
+    clip, tokenizer = _load_clip_folder(path)
+    return RadCLIPModel(clip, tokenizer, source=source or str(path), **kwargs)
 
+
+def _require_files(path: Path):
     missing = [] if (path / "config.json").exists() else ["config.json"]
     if not any((path / f).exists() for f in _WEIGHT_FILES):
         missing.append("model.safetensors")
     if missing:
         raise RadCLIPError(f"model folder '{path}' is missing {', '.join(missing)} "
                            "(expected a CLIPModel.save_pretrained folder or a RadCLIP model folder)")
+
+
+def _load_clip_folder(path: Path, config=None):
+    """(CLIPModel, tokenizer) of a save_pretrained folder; `config`: its already checked config."""
+    _require_files(path)
+    config = config or read_clip_config(path)
+    clip = _from_pretrained(str(path), config, path)
+    return clip, _tokenizer_for(path, clip)
+
+
+def _from_pretrained(name: str, config, where, **hub):
+    """`CLIPModel.from_pretrained`, refusing weights that do not fit the config: transformers would
+    fill missing or mis-shaped ones with random numbers and only log it."""
     try:
-        clip = CLIPModel.from_pretrained(str(path))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise RadCLIPError(f"cannot load the CLIP model in '{path}': {_first_line(exc)}") from None
-    return RadCLIPModel(clip, _tokenizer_for(path, clip), source=source or str(path), **kwargs)
+        clip, info = CLIPModel.from_pretrained(name, config=config, ignore_mismatched_sizes=True,
+                                               output_loading_info=True, **hub)
+    except SafetensorError as exc:
+        raise RadCLIPError(f"cannot read the weights in '{where}': model.safetensors is corrupt or truncated "
+                           f"({_first_line(exc)}); copy or download it again") from None
+    except pickle.UnpicklingError as exc:  # pytorch_model.bin, read weights-only by transformers
+        raise RadCLIPError(f"refusing to load the weights in '{where}': they are not a plain weights file "
+                           f"({_unpickling_reason(exc)})") from None
+    except _DAMAGED as exc:
+        detail = _first_line(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        fix = ("the download failed or its files are damaged; try again" if hub else
+               "its files are damaged or incomplete; copy or download them again")
+        raise RadCLIPError(f"cannot load the CLIP model in '{where}' ({detail}): {fix}") from None
+    problem = _mismatch_text(sorted(info["missing_keys"]), sorted(info["unexpected_keys"]),
+                             sorted(k for k, *_ in info["mismatched_keys"]))
+    if problem:
+        raise RadCLIPError(f"the weights in '{where}' do not match its config.json: {problem}")
+    return clip
 
 
 def _tokenizer_for(path: Path, clip):
     """The folder's own tokenizer; if it has none, the bundled CLIP BPE (same vocabulary size)."""
-    from transformers import CLIPTokenizer
-
     if any((path / f).exists() for f in ("tokenizer.json", "vocab.json")):
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(path))
@@ -120,8 +164,12 @@ def _tokenizer_for(path: Path, clip):
     else:
         log.info("'%s' has no tokenizer files; using the bundled CLIP tokenizer", path)
         tokenizer = bundled_tokenizer()
+    return _fit_tokenizer(tokenizer, clip, path)
+
+
+def _fit_tokenizer(tokenizer, clip, where):
     tokenizer.model_max_length = min(tokenizer.model_max_length, clip.config.text_config.max_position_embeddings)
-    _check_eos(clip.config, tokenizer, path)
+    _check_eos(clip.config, tokenizer, where)
     return tokenizer
 
 
@@ -137,16 +185,41 @@ def _check_eos(config, tokenizer, where):
 
 # --------------------------------------------------------------------------- source 2
 def _load_hub(repo: str, offline: bool, cache_dir, kwargs) -> RadCLIPModel:
-    from transformers import CLIPModel, CLIPTokenizer
-
+    folder = _cached_snapshot(repo, cache_dir)
+    if folder is not None:  # cached: loaded as a local folder, no network at all
+        return _load_hf_dir(folder, kwargs, source=repo)
+    fetch = _Fetch(f"model '{repo}'", cache_dir, f"hf download {repo}", "pass a local model folder")
+    fetch.check_possible(offline)
+    config = read_clip_config(fetch.download(repo, "config.json"))  # checked before the big download
+    clip = _from_pretrained(repo, config, repo, cache_dir=cache_dir)
     try:
-        clip = CLIPModel.from_pretrained(repo, local_files_only=offline, cache_dir=cache_dir)
-        tokenizer = CLIPTokenizer.from_pretrained(repo, local_files_only=offline, cache_dir=cache_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(repo, cache_dir=cache_dir)
     except (OSError, ValueError) as exc:
-        raise RadCLIPError(_hub_help(repo, offline, cache_dir, exc)) from None
-    tokenizer.model_max_length = min(tokenizer.model_max_length, clip.config.text_config.max_position_embeddings)
-    _check_eos(clip.config, tokenizer, repo)
-    return RadCLIPModel(clip, tokenizer, source=repo, **kwargs)
+        raise RadCLIPError(f"cannot load the tokenizer of '{repo}': {_first_line(exc)}") from None
+    return RadCLIPModel(clip, _fit_tokenizer(tokenizer, clip, repo), source=repo, **kwargs)
+
+
+def _hub_file(repo, filename, offline, cache_dir) -> Path:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+    if isinstance(found, str):  # cached: no network at all
+        return Path(found)
+    fetch = _Fetch(f"'{filename}' of '{repo}'", cache_dir, f"hf download {repo} {filename}",
+                   f"download it from {_endpoint()}/{repo} and pass its path")
+    fetch.check_possible(offline)
+    return fetch.download(repo, filename)
+
+
+def _cached_snapshot(repo: str, cache_dir) -> Path | None:
+    """The repo's folder in the HF cache when it holds a config and weights, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, "config.json", cache_dir=cache_dir)
+    if not isinstance(found, str):  # None, or the marker for "known not to exist"
+        return None
+    folder = Path(found).parent
+    return folder if any((folder / f).exists() for f in _WEIGHT_FILES) else None
 
 
 def _hub_cache(cache_dir) -> str:
@@ -157,62 +230,198 @@ def _hub_cache(cache_dir) -> str:
     return constants.HF_HUB_CACHE
 
 
-def _hub_help(repo, offline, cache_dir, exc) -> str:
-    why = "downloads are off (offline mode)" if offline else f"it could not be downloaded ({_first_line(exc)[:160]})"
-    return (f"model '{repo}' is not in the Hugging Face cache ({_hub_cache(cache_dir)}) and {why}; "
-            f"on a machine with internet run `hf download {repo}` and copy that cache folder here "
-            "(or set HF_HOME), or pass a local model folder")
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")  # HF_ENDPOINT, as huggingface_hub read it
 
 
-def _hub_file(repo, filename, offline, cache_dir) -> Path:
-    from huggingface_hub import hf_hub_download
+class _Fetch:
+    """Getting `what`, which is not in the HF cache, from the hub; every failure is one whole line
+    that says where the cache is and how to fill it on a machine with internet."""
 
-    try:
-        return Path(hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=offline))
-    except Exception as exc:  # huggingface_hub raises many types here (network, cache, auth)
-        raise RadCLIPError(
-            f"'{filename}' of '{repo}' is not in the Hugging Face cache ({_hub_cache(cache_dir)}) and "
-            f"{'downloads are off (offline mode)' if offline else 'could not be downloaded'}; download it from "
-            f"https://huggingface.co/{repo} and pass its path ({_first_line(exc)[:120]})") from None
+    def __init__(self, what, cache_dir, command, otherwise):
+        self.what, self.cache_dir, self.command, self.otherwise = what, cache_dir, command, otherwise
+
+    def error(self, why) -> RadCLIPError:
+        return RadCLIPError(f"{self.what} is not in the Hugging Face cache ({_hub_cache(self.cache_dir)}) and {why}; "
+                            f"on a machine with internet run `{self.command}` and copy that cache folder here "
+                            f"(or set HF_HOME), or {self.otherwise}")
+
+    def check_possible(self, offline):
+        """Refuse at once when nothing can be downloaded: offline mode, or a hub endpoint that does
+        not answer. Without the probe the hub client retries for ~30 s, a warning per retry."""
+        if offline:
+            raise self.error("downloads are off (offline mode)")
+        problem = _hub_unreachable()
+        if problem is not None:
+            raise self.error(f"the Hugging Face hub ({_endpoint()}) cannot be reached ({problem})")
+
+    def download(self, repo, filename) -> Path:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RemoteEntryNotFoundError
+
+        try:
+            return Path(hf_hub_download(repo, filename, cache_dir=self.cache_dir))
+        except GatedRepoError:
+            why = "the repository is gated: accept its terms on the hub, then log in with `hf auth login`"
+        except RepositoryNotFoundError:
+            why = "the hub has no such repository (a private one needs `hf auth login`)"
+        except RemoteEntryNotFoundError:
+            why = f"the repository has no file '{filename}'"
+        except Exception as exc:  # huggingface_hub raises many types (network, HTTP, cache, disk)
+            raise self.error(f"downloading it from {_endpoint()} failed ({_first_line(exc)})") from None
+        raise RadCLIPError(f"cannot download '{filename}' of '{repo}' from {_endpoint()}: {why}")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub endpoint gives no answer, or None when it answers.
+
+    One HEAD request through huggingface_hub's own HTTP client (its proxies and certificates), in a
+    thread, so the wait is bounded by HUB_PROBE_SECONDS even where name resolution itself hangs.
+    """
+    from huggingface_hub.utils import get_session
+
+    endpoint, outcome = _endpoint(), []
+
+    def probe():
+        try:
+            status = get_session().head(endpoint, timeout=HUB_PROBE_SECONDS + 1, follow_redirects=False).status_code
+            outcome.append(None if status < 500 else f"it answered HTTP {status}")
+        except Exception as exc:  # no answer, whatever the reason (DNS, refused, TLS, proxy): say which
+            outcome.append(_first_line(exc))
+
+    worker = threading.Thread(target=probe, name="radclip-hub-probe", daemon=True)
+    worker.start()
+    worker.join(HUB_PROBE_SECONDS)
+    return outcome[0] if outcome else f"no answer within {HUB_PROBE_SECONDS:g} s"
 
 
 # --------------------------------------------------------------------------- source 3
 def _load_radclip_dir(path: Path, kwargs, pooling) -> RadCLIPModel:
-    try:
-        meta = json.loads((path / RADCLIP_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RadCLIPError(f"cannot read '{path / RADCLIP_CONFIG}': {exc}") from None
-    if meta.get("format") != "radclip" or int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise RadCLIPError(f"'{path}' is not a RadCLIP model folder this version can read "
-                           f"(format {meta.get('format')!r} version {meta.get('format_version')!r})")
-    adapter_file = path / "adapter.safetensors"
-    wants_adapter = meta.get("pooling") == "adapter" and pooling != "mean"
-    if meta.get("pooling") == "adapter" and not adapter_file.exists():
-        raise RadCLIPError(f"model folder '{path}' is missing adapter.safetensors")
-    base = _load_hf_dir(path / "clip", kwargs, source=str(path))
+    meta = _read_radclip_config(path)
+    with _naming_the_key(path):
+        _check_format(meta)
+    _require_files(path / "clip")
+    clip_config = read_clip_config(path / "clip")
+    with _naming_the_key(path):  # the whole file is checked before anything is built
+        spec = _check_settings(meta, clip_config)
+    adapter_file, head_file = path / "adapter.safetensors", path / "anatomy_head.safetensors"
+    for needed, file in ((spec["pooling"] == "adapter", adapter_file), (spec["anatomy_head"], head_file)):
+        if needed and not file.exists():
+            raise RadCLIPError(f"model folder '{path}' is missing {file.name}")
+    clip, tokenizer = _load_clip_folder(path / "clip", clip_config)
     adapter = None
-    if wants_adapter:
-        adapter = SlicePoolingAdapter(AdapterConfig(**meta["adapter"]))
-        try:
-            adapter.load_state_dict(load_file(str(adapter_file)))
-        except Exception as exc:  # safetensors header errors, shape mismatches
-            raise RadCLIPError(f"cannot load '{adapter_file}': {_first_line(exc)}") from None
+    if spec["pooling"] == "adapter" and pooling != "mean":
+        adapter = SlicePoolingAdapter(spec["adapter"])
+        _load_weights(adapter, adapter_file, "adapter")
     head = None
-    if meta.get("anatomy_head"):
-        from .anatomy import AnatomyHead
-
-        cfg = meta["anatomy_head"]
+    if spec["anatomy_head"]:
+        cfg = spec["anatomy_head"]
         head = AnatomyHead(cfg["dim"], cfg["labels"], {int(k): v for k, v in cfg.get("names", {}).items()})
-        head_file = path / "anatomy_head.safetensors"
-        try:
-            head.load_state_dict(load_file(str(head_file)))
-        except Exception as exc:
-            raise RadCLIPError(f"cannot load '{head_file}': {_first_line(exc)}") from None
-    card = (path / "README.md").read_text(encoding="utf-8") if (path / "README.md").exists() else None
-    return RadCLIPModel(base.clip, base.tokenizer, adapter=adapter, anatomy_head=head,
-                        preprocess=PreprocessConfig.from_dict(meta["preprocessing"]),
-                        temperature=float(meta["temperature"]), plane=meta.get("plane", "auto"),
-                        source=str(path), card=card, **kwargs)
+        _load_weights(head, head_file, "anatomy_head")
+    card = (path / "README.md").read_text(encoding="utf-8", errors="replace") if (path / "README.md").exists() else None
+    return RadCLIPModel(clip, tokenizer, adapter=adapter, anatomy_head=head, preprocess=spec["preprocess"],
+                        temperature=spec["temperature"], plane=spec["plane"], source=str(path), card=card, **kwargs)
+
+
+def _read_radclip_config(path: Path) -> dict:
+    file = path / RADCLIP_CONFIG
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RadCLIPError(f"cannot read '{file}': {exc.strerror or exc}") from None
+    except ValueError as exc:  # bad JSON, or not UTF-8
+        raise RadCLIPError(f"model folder '{path}': {RADCLIP_CONFIG} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise RadCLIPError(f"model folder '{path}': {RADCLIP_CONFIG} must hold a JSON object, got {shown(meta)}")
+    return meta
+
+
+@contextmanager
+def _naming_the_key(path: Path):
+    """Setting errors start with the key ('preprocessing.std'); say which file holds it."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise RadCLIPError(f"model folder '{path}': {RADCLIP_CONFIG} key {exc}") from None
+
+
+def _required(meta: dict, key: str, section: str = ""):
+    if key not in meta:
+        raise ConfigError(f"'{section}{key}' is missing")
+    return meta[key]
+
+
+def _check_format(meta: dict):
+    if _required(meta, "format") != "radclip":
+        raise ConfigError(f"'format' must be \"radclip\", got {shown(meta['format'])}: not a RadCLIP model folder")
+    version = check_int("format_version", _required(meta, "format_version"))
+    if version > FORMAT_VERSION:
+        raise ConfigError(f"'format_version' is {version}, newer than this RadCLIPCore reads ({FORMAT_VERSION}): "
+                          "update RadCLIPCore")
+
+
+def _check_settings(meta: dict, clip_config) -> dict:
+    """Every setting of radclip_config.json, checked for type and range and against the CLIP config
+    in clip/ (a wrong one gives wrong answers or a crash later); raises ConfigError naming the key."""
+    dim = clip_config.projection_dim
+    pooling = _required(meta, "pooling")
+    if pooling not in ("mean", "adapter"):  # anything else would silently drop the adapter
+        raise ConfigError(f"'pooling' must be \"mean\" or \"adapter\", got {shown(pooling)}")
+    adapter = meta.get("adapter")
+    if adapter is None and pooling == "adapter":
+        raise ConfigError("'adapter' is missing: 'pooling' is \"adapter\"")
+    if adapter is not None:
+        adapter = AdapterConfig.from_dict(adapter)
+        for key, value in (("adapter.dim", adapter.dim), ("adapter.out_dim", adapter.out_dim or adapter.dim)):
+            if value != dim:
+                raise ConfigError(f"'{key}' must equal the CLIP projection_dim {dim}, got {value}")
+    preprocess = PreprocessConfig.from_dict(_required(meta, "preprocessing"))
+    size = clip_config.vision_config.image_size
+    if preprocess.image_size != size:  # the vision tower takes no other size
+        raise ConfigError(f"'preprocessing.image_size' must equal the vision tower's image_size {size}, "
+                          f"got {preprocess.image_size}")
+    temperature = check_number("temperature", _required(meta, "temperature"), positive=True)
+    plane = meta.get("plane", "auto")
+    if plane not in ("auto",) + PLANES:
+        raise ConfigError(f"'plane' must be auto, axial, coronal or sagittal, got {shown(plane)}")
+    if "embedding_dim" in meta and check_int("embedding_dim", meta["embedding_dim"]) != dim:
+        raise ConfigError(f"'embedding_dim' must equal the CLIP projection_dim {dim}, got {meta['embedding_dim']}")
+    head = meta.get("anatomy_head")
+    if head is not None:
+        _check_anatomy_head(head, dim)
+    return {"pooling": pooling, "adapter": adapter, "preprocess": preprocess, "temperature": temperature,
+            "plane": plane, "anatomy_head": head}
+
+
+def _check_anatomy_head(head, dim):
+    if not isinstance(head, dict):
+        raise ConfigError(f"'anatomy_head' must be an object with dim, labels and names, got {shown(head)}")
+    if check_int("anatomy_head.dim", _required(head, "dim", "anatomy_head.")) != dim:
+        raise ConfigError(f"'anatomy_head.dim' must equal the CLIP projection_dim {dim}, got {head['dim']}")
+    labels = head.get("labels")
+    if (not isinstance(labels, list) or not labels or len(set(map(repr, labels))) != len(labels)
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in labels)):
+        raise ConfigError(f"'anatomy_head.labels' must be a non-empty list of distinct integers, got {shown(labels)}")
+    names = head.get("names", {})
+    if not isinstance(names, dict) or not all(re.fullmatch(r"-?\d+", k) and isinstance(v, str)
+                                              for k, v in names.items()):
+        raise ConfigError(f"'anatomy_head.names' must map label numbers to names (e.g. {{\"1\": \"lung\"}}), "
+                          f"got {shown(names)}")
+
+
+def _load_weights(module: torch.nn.Module, file: Path, key: str):
+    """A small module's weights (adapter, anatomy head), which must fit the shapes its settings give."""
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise RadCLIPError(f"cannot read '{file}': corrupt or truncated ({_first_line(exc)}); "
+                           "copy the model folder again") from None
+    problem = _mismatch({k: v.shape for k, v in module.state_dict().items()}, state)
+    if problem:
+        raise RadCLIPError(f"'{file}' does not match the '{key}' settings in {RADCLIP_CONFIG}: {problem}")
+    module.load_state_dict(state)
 
 
 def save_model(model: RadCLIPModel, path, card: str | None = None, training: dict | None = None) -> Path:
@@ -269,22 +478,15 @@ def _model_card(model, meta, card) -> str:
 
 # --------------------------------------------------------------------------- source 4
 def _load_state_dict(path: Path, config, source, kwargs, pooling) -> RadCLIPModel:
-    from transformers import CLIPModel
-
     state = _read_weights(path)
     tokenizer = bundled_tokenizer()
     clip_config = align_token_ids(read_clip_config(config or "clip-vit-large-patch14"), tokenizer)
     with torch.device("meta"):  # no random init of ~430M weights: they are replaced right away
         clip = CLIPModel(clip_config)
-    expected = {k: tuple(v.shape) for k, v in clip.state_dict().items()}
-    unexpected = sorted(set(state) - set(expected))
-    missing = sorted(set(expected) - set(state))
-    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        raise RadCLIPError(
-            f"'{path.name}' does not match the {_arch_name(clip_config)} CLIP architecture: "
-            f"{len(missing)} missing weights {missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, "
-            f"{len(wrong)} of another shape {wrong[:2]}; pass the matching config")
+    problem = _mismatch({k: v.shape for k, v in clip.state_dict().items()}, state)
+    if problem:
+        raise RadCLIPError(f"'{path.name}' does not match the {_arch_name(clip_config)} CLIP architecture: "
+                           f"{problem}; pass the matching config")
     clip.load_state_dict(state, assign=True)
     for module in clip.modules():  # non-persistent buffers are not in a state_dict: rebuild them
         ids = getattr(module, "position_ids", None)
@@ -302,35 +504,75 @@ def _arch_name(config) -> str:
     return f"ViT ({v.num_hidden_layers} layers, width {v.hidden_size}, patch {v.patch_size})"
 
 
+def _mismatch(expected: dict, state: dict) -> str | None:
+    """What differs between the weights a module needs (name -> shape) and those a file holds."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
+    return _mismatch_text(missing, unexpected, wrong)
+
+
+def _mismatch_text(missing, unexpected, wrong) -> str | None:
+    if not (missing or unexpected or wrong):
+        return None
+    return (f"{len(missing)} missing weights {missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, "
+            f"{len(wrong)} of another shape {wrong[:2]}")
+
+
 def _read_weights(path: Path) -> dict:
-    """A state_dict from `.safetensors` or a weights-only `torch.save` file; never runs pickled code."""
-    if path.suffix == ".safetensors":
+    """A state_dict from a safetensors or weights-only `torch.save` file; never runs pickled code.
+
+    The file's first bytes say what it is, so a text file, an image or a config.json given as the
+    model is named as such instead of failing somewhere inside the unpickler."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise RadCLIPError(f"cannot read '{path}': {exc.strerror or exc}") from None
+    if path.name in ("config.json", RADCLIP_CONFIG):
+        raise RadCLIPError(f"'{path}' holds a model's settings, not the model: pass the folder '{path.parent}'")
+    if not head:
+        raise RadCLIPError(f"'{path}' is empty (0 bytes): copy or download it again")
+    if path.suffix == ".safetensors" or head[8:9] == b"{":  # safetensors: 8-byte header length, then JSON
         try:
-            return load_file(str(path))
-        except Exception as exc:
+            return _clean_state(load_file(str(path)))
+        except (SafetensorError, OSError) as exc:
             raise RadCLIPError(f"cannot read '{path}': corrupt or not safetensors ({_first_line(exc)})") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip, or (legacy) a pickle
+        raise RadCLIPError(f"'{path}' is not a model file: pass a model folder, a .pth/.pt PyTorch state_dict "
+                           "or a .safetensors file")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: keep one line
             warnings.simplefilter("ignore")
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise RadCLIPError(
-            f"refusing to load '{path.name}': it is not a plain weights file (its pickle asks to run or build "
-            f"arbitrary objects: {_first_line(exc)[:120]}); only weights-only checkpoints are loaded") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise RadCLIPError(f"cannot read '{path}': corrupt, truncated or not a PyTorch file ({_first_line(exc)[:160]})") from None
+        raise RadCLIPError(f"refusing to load '{path.name}': it is not a plain weights file "
+                           f"({_unpickling_reason(exc)}); only weights-only checkpoints are loaded") from None
+    except _DAMAGED as exc:
+        raise RadCLIPError(f"cannot read '{path}': corrupt, truncated or not a PyTorch file "
+                           f"({_first_line(exc)})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise RadCLIPError(f"'{path.name}' holds no state_dict of tensors")
+    return _clean_state(obj)
+
+
+def _clean_state(obj: dict) -> dict:
     state = {}
     for key, value in obj.items():
-        key = key[len("module."):] if key.startswith("module.") else key
+        key = key[len("module."):] if key.startswith("module.") else key  # saved from a DDP wrapper
         if key.endswith("position_ids"):  # a buffer older transformers saved; rebuilt by the model
             continue
         state[key] = value
     return state
+
+
+def _unpickling_reason(exc) -> str:
+    """torch's weights-only refusal is a paragraph; the line naming the refused object or opcode says it."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    return next((line.rstrip(".") for line in lines if "unsupported" in line.lower()), _first_line(exc))
 
 
 def _first_line(exc) -> str:

@@ -22,6 +22,9 @@ Steps, in order:
 """
 from __future__ import annotations
 
+import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -38,6 +41,52 @@ PLANES = ("axial", "coronal", "sagittal")
 _STATS_CHUNK = 16  # slices per chunk when streaming statistics over big volumes
 
 
+class ConfigError(RadCLIPError, ValueError):
+    """A setting of the wrong type or out of range. The message starts with the setting's dotted
+    name ('preprocessing.std'), so a loader can add which file holds it. Also a ValueError: what a
+    bad constructor argument always raised."""
+
+
+def shown(value) -> str:
+    """A value as JSON writes it (the settings live in JSON files): "64" is visibly a string.
+    A long value is described rather than cut off."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) <= 60:
+        return text
+    if isinstance(value, dict):
+        return f"an object of {len(value)} keys"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} items"
+    return f"a {type(value).__name__} of {len(text)} characters"
+
+
+def check_int(key: str, value, minimum: int = 1) -> int:
+    # bool is an int to Python, and 64.0 is no size: both are refused
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"'{key}' must be an integer of at least {minimum}, got {shown(value)}")
+    return int(value)
+
+
+def check_number(key: str, value, positive: bool = False) -> float:
+    """A finite number (JSON files may hold NaN and Infinity; either gives NaN probabilities)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or (positive and value <= 0)):
+        raise ConfigError(f"'{key}' must be a finite {'positive ' if positive else ''}number, got {shown(value)}")
+    return float(value)
+
+
+def check_numbers(key: str, value, count: int, positive: bool = False) -> tuple:
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) == count:
+        try:
+            return tuple(check_number(key, v, positive) for v in value)
+        except ConfigError:
+            pass  # named below with the whole value
+    raise ConfigError(f"'{key}' must be {count} finite {'positive ' if positive else ''}numbers, got {shown(value)}")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     image_size: int = 224
@@ -45,16 +94,28 @@ class PreprocessConfig:
     std: tuple = CLIP_STD
     zscore_clip: float = 3.0
 
+    def __post_init__(self):
+        # Checked here so that every way of making one (a model folder, code, training options)
+        # gets it: a std of 0 or a NaN gives NaN probabilities, a bad size a crash deep in torch.
+        fix = object.__setattr__  # frozen: normalise the types once (JSON lists -> tuples of floats)
+        fix(self, "image_size", check_int("preprocessing.image_size", self.image_size))
+        fix(self, "mean", check_numbers("preprocessing.mean", self.mean, 3))
+        fix(self, "std", check_numbers("preprocessing.std", self.std, 3, positive=True))
+        fix(self, "zscore_clip", check_number("preprocessing.zscore_clip", self.zscore_clip, positive=True))
+
     def to_dict(self):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data):
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        known = [f.name for f in fields(cls)]
+        if not isinstance(data, dict):
+            raise ConfigError(f"'preprocessing' must be an object with {', '.join(known)}, got {shown(data)}")
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise RadCLIPError(f"unknown preprocessing settings {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+            raise ConfigError(f"'preprocessing.{unknown[0]}' is an unknown preprocessing setting "
+                              f"(known: {', '.join(known)})")
+        return cls(**data)
 
 
 @dataclass

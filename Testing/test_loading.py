@@ -201,3 +201,287 @@ def test_bundled_vit_l14_builds_on_meta_quickly():
     with torch.device("meta"):
         m = CLIPModel(bundled_clip_config("clip-vit-large-patch14"))
     assert 420e6 < sum(p.numel() for p in m.parameters()) < 440e6  # ViT-L/14 CLIP: ~428M
+
+
+# ------------------------------------------------------------------- damaged or wrong files: one line, not the catch-all
+def _damaged(path, how):
+    data = path.read_bytes()
+    path.unlink()  # the fixtures' files may be links: never write through them
+    path.write_bytes({"half": data[: len(data) // 2], "head": data[:50], "empty": b"",
+                      "junk": os.urandom(5000)}[how])
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("how", ["half", "head", "empty", "junk"])
+def test_damaged_model_safetensors_in_a_hf_or_radclip_folder(tmp_path, hf_dir, radclip_dir, how):
+    for folder, weights in ((_copy(hf_dir, tmp_path / "hf"), "model.safetensors"),
+                            (_copy(radclip_dir, tmp_path / "rc"), "clip/model.safetensors"),
+                            (_copy(radclip_dir, tmp_path / "rc2"), "adapter.safetensors")):
+        _damaged(folder / weights, how)
+        with pytest.raises(RadCLIPError) as e:
+            load_model(folder, device="cpu")
+        msg = _one_line(e)
+        assert weights.split("/")[-1] in msg and "corrupt or truncated" in msg, msg
+
+
+def _edit_config(folder, edit):
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda c: c["vision_config"].update(num_attention_heads=5), "'vision_config.num_attention_heads'"),
+    (lambda c: c["text_config"].update(num_attention_heads=3), "'text_config.num_attention_heads'"),
+    (lambda c: c["vision_config"].update(hidden_size="64"), "'vision_config.hidden_size'"),
+    (lambda c: c["vision_config"].update(hidden_size=0), "'vision_config.hidden_size'"),
+    (lambda c: c["vision_config"].update(patch_size=0), "'vision_config.patch_size'"),
+    (lambda c: c["vision_config"].update(image_size=4), "'vision_config.image_size'"),
+    (lambda c: c.update(projection_dim=-1), "'projection_dim'"),
+    (lambda c: c.update(text_config=None), "'text_config'"),
+    (lambda c: c.update(vision_config=[1]), "'vision_config'"),
+    (lambda c: c.update(logit_scale_init_value="x"), "logit_scale_init_value"),
+    (lambda c: c.update(model_type="bert"), '"bert" model, not CLIP'),
+    (lambda c: c.update(model_type="clip_vision_model"), "not CLIP"),
+    (lambda c: c.update(projection_dim=32), "do not match"),  # valid config, other weights
+    (lambda c: c["vision_config"].update(num_hidden_layers=1), "do not match"),
+    (lambda c: c["vision_config"].update(image_size=56), "do not match"),
+])
+def test_hf_config_json_problems(tmp_path, hf_dir, edit, words):
+    folder = _copy(hf_dir, tmp_path / "hf")
+    _edit_config(folder, edit)
+    with pytest.raises(RadCLIPError) as e:
+        load_model(folder, device="cpu")
+    msg = _one_line(e)
+    assert words in msg and "config.json" in msg, msg
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "", "null"])
+def test_hf_config_json_that_is_not_a_json_object(tmp_path, hf_dir, text):
+    folder = _copy(hf_dir, tmp_path / "hf")
+    (folder / "config.json").write_text(text)
+    with pytest.raises(RadCLIPError) as e:
+        load_model(folder, device="cpu")
+    assert "config.json" in _one_line(e)
+
+
+def test_a_bad_config_for_a_pth_is_one_line(tmp_path, pth_file, hf_dir):
+    bad = _copy(hf_dir, tmp_path / "hf")
+    _edit_config(bad, lambda c: c["vision_config"].update(num_attention_heads=5))
+    for config, words in ((bad / "config.json", "not divisible"), ("clip-vit-nothing", "not found;"),
+                          (tmp_path / "none.json", "not found")):
+        with pytest.raises(RadCLIPError) as e:
+            load_model(pth_file, config=config)
+        assert words in _one_line(e)
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("notes.txt", b"hello world\n", "not a model file"),
+    ("table.csv", b"a,b\n1,2\n", "not a model file"),
+    ("noise.bin", bytes(range(256)) * 16, "not a model file"),
+    ("weights.pth", b"", "is empty"),
+    ("settings.json", b'{"a": 1}', "not a model file"),
+    ("image.png", b"\x89PNG\r\n\x1a\n" + bytes(100), "not a model file"),
+], ids=lambda v: v if isinstance(v, str) and "." in v else "")
+def test_a_file_that_is_no_model(tmp_path, name, content, words):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(RadCLIPError) as e:
+        load_model(tmp_path / name, config="clip-tiny")
+    assert words in _one_line(e)
+
+
+def test_a_config_json_given_as_the_model_points_to_its_folder(hf_dir, radclip_dir):
+    for path in (hf_dir / "config.json", radclip_dir / "radclip_config.json"):
+        with pytest.raises(RadCLIPError) as e:
+            load_model(path)
+        assert f"pass the folder '{path.parent}'" in _one_line(e)
+
+
+def test_pth_damaged_after_the_pickle_header_is_one_line(tmp_path):
+    (tmp_path / "g.pth").write_bytes(b"\x80\x02" + bytes(range(200)))  # pickle magic, garbage after
+    torch.save({"w": torch.zeros(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    data = (tmp_path / "legacy.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[:30])
+    for name in ("g.pth", "cut.pth"):
+        with pytest.raises(RadCLIPError):
+            load_model(tmp_path / name, config="clip-tiny")
+
+
+def test_a_safetensors_state_dict_under_another_suffix(tmp_path, pth_file, ct_small):
+    from safetensors.torch import save_file
+
+    save_file(torch.load(pth_file, weights_only=True), str(tmp_path / "weights.pt"))
+    m = load_model(tmp_path / "weights.pt", config="clip-tiny", device="cpu")
+    np.testing.assert_allclose(m.embed_image(ct_small), load_model(pth_file, config="clip-tiny").embed_image(ct_small),
+                               atol=1e-6)
+
+
+def test_a_folder_that_is_neither(tmp_path, hf_dir):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(RadCLIPError, match="missing config.json, model.safetensors"):
+        load_model(other)
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu", "hpu", "privateuseone", "mps", "ipu", "cuda:-1", "cpu:x"])
+def test_devices_we_cannot_compute_on(hf_dir, device):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(RadCLIPError) as e:
+        load_model(hf_dir, device=device)
+    msg = _one_line(e)
+    assert f"'{device}'" in msg and "auto" in msg and "cpu" in msg, msg
+
+
+def test_a_bad_device_fails_before_the_weights_are_read(tmp_path):
+    (tmp_path / "w.pth").write_bytes(b"never read")
+    with pytest.raises(RadCLIPError, match="device 'meta'"):
+        load_model(tmp_path / "w.pth", device="meta")
+
+
+# ------------------------------------------------------------------- air-gapped: fast, one whole line
+def _closed_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_volume(tmp_path_factory):
+    import SimpleITK as sitk
+
+    path = tmp_path_factory.mktemp("vol") / "v.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(4 * 8 * 8, dtype=np.float32).reshape(4, 8, 8)), str(path))
+    return path
+
+
+def _run_offline_cli(tmp_path, tiny_volume, *extra, **env_extra):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(PYTHONPATH=str(REPO), HF_HOME=str(tmp_path / "hf-home"),
+               HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", **env_extra)
+    start = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "RadCLIPCore", "rank", str(tiny_volume), "--prompt", "x", *extra],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=20)  # a hang guard, not a benchmark
+    return res, time.monotonic() - start
+
+
+@pytest.mark.parametrize("model,command", [((), "hf download openai/clip-vit-large-patch14"),
+                                           (("--model", "radclip"), "hf download zluvolyote/RadCLIP RadCLIP.pth")])
+@pytest.mark.parametrize("offline", [{}, {"HF_HUB_OFFLINE": "1"}], ids=["unreachable", "HF_HUB_OFFLINE"])
+def test_no_network_gives_one_whole_line_at_once(tmp_path, tiny_volume, model, command, offline):
+    res, _ = _run_offline_cli(tmp_path, tiny_volume, *model, **offline)
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2 and res.stdout == "" and len(lines) == 1, res.stderr
+    line = lines[0]
+    assert line.startswith("error: ") and command in line and str(tmp_path / "hf-home" / "hub") in line, line
+    assert ("offline mode" if offline else "cannot be reached") in line, line
+    assert line.rstrip()[-1].isalnum() or line.rstrip()[-1] in ".)`", line  # not cut off mid-word
+    assert "Retrying" not in res.stderr and "unexpected" not in line
+
+
+@pytest.fixture
+def silent_endpoint(monkeypatch):
+    """A hub endpoint that accepts connections and never answers (a black-holing proxy)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    yield
+    server.close()
+
+
+def test_hub_probe_is_bounded_when_the_endpoint_never_answers(tmp_path, monkeypatch, silent_endpoint):
+    import time
+
+    from RadCLIPCore import loading
+
+    monkeypatch.setattr(loading, "HUB_PROBE_SECONDS", 0.5)
+    start = time.monotonic()
+    for source in ("someorg/not-cached", "radclip"):
+        with pytest.raises(RadCLIPError) as e:
+            load_model(source, offline=False, cache_dir=tmp_path / "hub")
+        assert "cannot be reached" in _one_line(e) and "no answer within 0.5 s" in str(e.value)
+    assert time.monotonic() - start < 10
+
+
+def _fake_cache(root, repo, files):
+    snap = root / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    for src in files:
+        shutil.copy(src, snap / src.name)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+
+
+def test_cached_hub_sources_load_without_asking_the_network(tmp_path, hf_dir, pth_file, silent_endpoint, ct_small):
+    """Cache first: not in offline mode, with a hub that never answers, cached models load at once
+    (the hub client would first wait for the hub's answer)."""
+    import time
+
+    _fake_cache(tmp_path / "hub", "someorg/tiny-clip", hf_dir.iterdir())
+    _fake_cache(tmp_path / "hub", "zluvolyote/RadCLIP", [pth_file])
+    start = time.monotonic()
+    m = load_model("someorg/tiny-clip", offline=False, cache_dir=tmp_path / "hub", device="cpu")
+    p = load_model("radclip", offline=False, cache_dir=tmp_path / "hub", config="clip-tiny", device="cpu")
+    assert time.monotonic() - start < 5
+    assert m.source == "someorg/tiny-clip" and p.dim == 64
+    np.testing.assert_allclose(m.embed_image(ct_small), load_model(hf_dir).embed_image(ct_small), atol=1e-6)
+
+
+def test_messages_are_never_cut_mid_word(tmp_path):
+    with pytest.raises(RadCLIPError) as e:
+        load_model("radclip", offline=True, cache_dir=tmp_path)
+    msg = _one_line(e)
+    assert msg.endswith("path") or msg[-1] in ".)`", msg
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": _Evil(tmp_path / "marker")}, evil)
+    with pytest.raises(RadCLIPError) as e:
+        load_model(evil, config="clip-tiny")
+    assert "posix.system" in _one_line(e) or "nt.system" in str(e.value)
+
+
+@pytest.mark.parametrize("how,words", [("junk", "damaged or incomplete"), ("cut", "damaged or incomplete"),
+                                       ("evil", "refusing to load")])
+def test_damaged_pytorch_model_bin_in_a_hf_folder(tmp_path, hf_dir, how, words):
+    folder = _copy(hf_dir, tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    weights = folder / "pytorch_model.bin"
+    if how == "evil":
+        torch.save({"x": _Evil(tmp_path / "marker")}, weights)
+    else:
+        torch.save(state, weights)
+        data = weights.read_bytes()
+        weights.write_bytes(b"hello" if how == "junk" else data[: len(data) // 3])
+    with pytest.raises(RadCLIPError) as e:
+        load_model(folder, device="cpu")
+    assert words in _one_line(e)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_pooling_adapter_on_a_folder_without_one(model, tmp_path):
+    from RadCLIPCore import RadCLIPModel
+
+    mean_only = save_model(RadCLIPModel(model.clip, model.tokenizer, temperature=0.05), tmp_path / "mean")
+    with pytest.raises(RadCLIPError, match="no trained slice-pooling adapter"):
+        load_model(mean_only, pooling="adapter")
+    assert load_model(mean_only).pooling == "mean"
