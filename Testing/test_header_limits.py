@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from RadCLIPCore import RadCLIPError, read_volume
+from RadCLIPCore import header_checks
 from RadCLIPCore import io as rio
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +211,7 @@ def test_bad_seg_nrrd_fields_are_one_line(tmp_path):
 
 
 def test_more_than_memory_names_the_size(tmp_path, monkeypatch):
-    monkeypatch.setattr(rio, "_physical_memory", lambda: 2 * GIB)
+    monkeypatch.setattr(header_checks, "_physical_memory", lambda: 2 * GIB)
     path = tmp_path / "big.nrrd"
     path.write_bytes(BIG.replace(b"1024\n", b"2048\n") + b"encoding: raw\n\n" + bytes(10))
     with pytest.raises(RadCLIPError, match=r"8\.0 GiB.*memory \(2\.0 GiB\)"):
@@ -245,7 +246,7 @@ def _zeros_and_ct(chest_ct, tmp: Path):
 @pytest.mark.parametrize("count_everything", [False, True], ids=["default", "decompress-and-count"])
 def test_valid_files_keep_opening(chest_ct, mni, ct_small, mr_small, tmp_path, monkeypatch, count_everything):
     if count_everything:  # the path that large compressed files take, on small ones
-        monkeypatch.setattr(rio, "_STREAM_CHECK_BYTES", 0)
+        monkeypatch.setattr(header_checks, "_STREAM_CHECK_BYTES", 0)
     for name, (path, expected) in _zeros_and_ct(chest_ct, tmp_path).items():
         vol = read_volume(path)
         if name.endswith(".jpg"):
