@@ -15,7 +15,7 @@ _EXPORTS = {
     "AdapterConfig": "adapter", "SlicePoolingAdapter": "adapter", "mean_pool": "adapter",
     "RadCLIPError": "errors",
     "Volume": "io", "read_volume": "io",
-    "DEFAULT_MODEL": "loading", "load_model": "loading", "save_model": "loading",
+    "DEFAULT_MODEL": "presets", "load_model": "loading", "save_model": "loading",
     "RadCLIPModel": "model", "RankedPrompt": "model", "VolumeEmbedding": "model",
     "PreprocessConfig": "preprocessing",
 }

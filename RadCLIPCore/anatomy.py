@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .errors import RadCLIPError
 from .io import Volume, read_volume
-from .preprocessing import PreparedVolume, canonicalize, letterbox, prepare_volume, slices_to_pixels
+from .preprocessing import PreparedVolume, canonicalize, letterbox
 
 
 class AnatomyHead(torch.nn.Module):
@@ -102,10 +102,15 @@ def _read_slicer_segmentation(path: Path) -> LabelMap:
     segments = {}
     i = 0
     while f"Segment{i}_ID" in header:
-        layer = int(header.get(f"Segment{i}_Layer", 0))
+        try:
+            layer = int(header.get(f"Segment{i}_Layer", 0))
+            value = int(header.get(f"Segment{i}_LabelValue", i + 1))
+        except (TypeError, ValueError):
+            raise RadCLIPError(f"cannot read '{path}': Segment{i}_Layer or Segment{i}_LabelValue "
+                               "in its header is not a whole number") from None
         if layer != 0:
             raise RadCLIPError(f"'{path.name}' has overlapping segments (several layers); export a label map")
-        segments[int(header.get(f"Segment{i}_LabelValue", i + 1))] = header.get(f"Segment{i}_Name", f"Segment_{i}")
+        segments[value] = header.get(f"Segment{i}_Name", f"Segment_{i}")
         i += 1
     if not segments:
         raise RadCLIPError(f"'{path.name}' holds no segments")
@@ -127,13 +132,6 @@ class AnatomyEmbeddings:
         return "; ".join(f"{self.names.get(k, k)}: {why}" for k, why in sorted(self.missing.items()))
 
 
-def patch_features(clip, pixels: torch.Tensor) -> torch.Tensor:
-    """(N, 3, S, S) -> (N, patches, dim) unit-norm patch vectors in the joint space."""
-    tokens = clip.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]
-    projected = clip.visual_projection(clip.vision_model.post_layernorm(tokens))
-    return F.normalize(projected.float(), dim=-1)
-
-
 def _aligned(labelmap: LabelMap, volume: Volume) -> Volume:
     """The label map on the volume's voxel grid (nearest-neighbour resampling if needed)."""
     lm = labelmap.volume
@@ -148,24 +146,36 @@ def _aligned(labelmap: LabelMap, volume: Volume) -> Volume:
 @torch.inference_mode()
 def anatomy_embeddings(model, volume: Volume, labelmap: LabelMap, labels=None, plane="auto", max_slices=None,
                        min_patches: float = 1.0, pooling: str = "mean", batch_size: int = 16) -> AnatomyEmbeddings:
-    """Per-anatomy unit vectors for `labels` (default: every label in the map)."""
+    """Per-anatomy unit vectors for `labels` (default: every label in the map): the slices through
+    the vision tower once (`model.embed_slices` with patch tokens), then `pool_anatomies`. When the
+    volume embedding is wanted too, `model.embed_volume_and_anatomies` gives both from that pass."""
+    slices = model.embed_slices(volume, plane, max_slices, batch_size, patch_tokens=True)
+    return pool_anatomies(model, slices, volume, labelmap, labels, min_patches, pooling)
+
+
+def pool_anatomies(model, slices, volume: Volume, labelmap: LabelMap, labels=None, min_patches: float = 1.0,
+                   pooling: str = "mean") -> AnatomyEmbeddings:
+    """Anatomy vectors from embedded slices (`SliceEmbeddings` with patch tokens): each slice's
+    patch vectors weighted by the anatomy's coverage of each patch, then pooled over the slices."""
+    if slices.patches is None:
+        raise RadCLIPError("anatomy pooling needs the slices' patch tokens (embed_slices(patch_tokens=True))")
+    prepared = slices.prepared
     mask = _aligned(labelmap, volume)
     present = set(np.unique(mask.array).tolist()) - {0}
     wanted = sorted(present) if labels is None else [int(v) for v in labels]
     missing = {v: "absent from the label map" for v in wanted if v not in present}
     wanted = [v for v in wanted if v in present]
-    prepared = prepare_volume(volume, plane, max_slices, model.preprocess)
     # the label map seen exactly as the slices are: same canonical frame, plane and sampled slices
     mask_view = PreparedVolume(canonicalize(mask), prepared.plane, prepared.axis, prepared.sampled, prepared.stats,
                                prepared.config)
     patch = model.clip.config.vision_config.patch_size
-    size = model.preprocess.image_size
+    size = prepared.config.image_size
     per_label = {v: [] for v in wanted}
     used = {v: [] for v in wanted}
-    for start in range(0, len(prepared.sampled), batch_size):
-        idx = prepared.sampled[start:start + batch_size]
-        pixels = slices_to_pixels(prepared.slices(idx), prepared.stats, prepared.pixel_spacing, prepared.config)
-        feats = patch_features(model.clip, pixels.to(model.device, model.dtype))  # (B, P, D)
+    step = 16  # mask slices handled at a time (bounded memory for big label maps)
+    for start in range(0, len(prepared.sampled), step):
+        idx = prepared.sampled[start:start + step]
+        feats = slices.patches[start:start + step]  # (B, P, D)
         labels_here = mask_view.slices(idx)
         for v in wanted:
             binary = torch.from_numpy(np.ascontiguousarray(labels_here == v, dtype=np.float32)).unsqueeze(1)

@@ -132,10 +132,15 @@ def new_clip_model(config, tokenizer=None, seed=None) -> CLIPModel:
     return CLIPModel(config).eval()
 
 
-def image_features(clip: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, projection_dim), not normalised."""
-    pooled = clip.vision_model(pixel_values=pixel_values).pooler_output
-    return clip.visual_projection(pooled)
+def image_features(clip: CLIPModel, pixel_values: torch.Tensor, patch_tokens: bool = False):
+    """One pass of the vision tower. (N, 3, H, W) -> (N, projection_dim), not normalised; with
+    `patch_tokens`, also (N, patches, projection_dim): every patch token through the tower's final
+    layer norm and the projection (fVLM's anatomy pooling reads these), from the same pass."""
+    out = clip.vision_model(pixel_values=pixel_values)
+    pooled = clip.visual_projection(out.pooler_output)
+    if not patch_tokens:
+        return pooled
+    return pooled, clip.visual_projection(clip.vision_model.post_layernorm(out.last_hidden_state[:, 1:]))
 
 
 def text_features(clip: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

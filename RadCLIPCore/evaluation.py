@@ -1,30 +1,45 @@
-"""Evaluation: the paper's protocols (linear probe, top-1 image-text matching, ablation grid) plus
-zero-shot classification with per-class AUC and retrieval recall@k.
+"""Evaluation of models on a manifest: the paper's protocols (linear probe, top-1 image-text
+matching, the encoder x pooling ablation grid) plus zero-shot classification with per-class AUC,
+retrieval recall@k, and fVLM's zero-shot AUC per anatomy and finding.
 
-Metrics and splits come from scikit-learn (imported on use). Features are extracted once per
-model: volumes go through the slice-embedding cache of stage 2 (keyed by file content + encoder
-weights + preprocessing), and both poolings (global average and adapter) are computed from the
-same cached slice embeddings.
+Features are extracted once per model: volumes go through the slice-embedding cache of stage 2
+(keyed by file content + encoder weights + preprocessing), and both poolings (global average and
+adapter) come from the same cached slice embeddings. The metrics themselves are in `metrics.py`.
+`run_evaluation(config)` is the whole job; the `evaluate` command only turns arguments into the
+config and prints.
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import torch
 
+from .adapter import mean_pool
+from .anatomy import anatomy_embeddings, read_label_names, read_labelmap
+from .embedding_cache import SliceEmbeddingCache
 from .errors import RadCLIPError
+from .fileutil import atomic_write_text, check_output_dir
+from .io import read_volume
+from .loading import load_model
+from .manifests import read_manifest
+from .metrics import auc_with_ci, bootstrap_macro_auc, linear_probe, matching_top1, require_sklearn, retrieval_recall
+from .model import prompt_softmax
+from .plotting import plot_confusion, plot_modality_recognition, plot_roc
+from .preprocessing import prepare_slice, unit_to_clip
+from .presets import DEFAULT_MODEL, DISTRACTORS
+from .reports import finding_truth, read_lexicon
 
-DISTRACTORS = ("A puppy", "A cat", "A life vest")
+log = logging.getLogger("RadCLIPCore")
+
 ZERO_SHOT_TEMPLATES = ("{}.",)
 NEGATIVE_TEMPLATES = ("No {}.",)
-
-
-def _sklearn():
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        raise RadCLIPError("evaluation needs scikit-learn: pip install scikit-learn") from None
+POOLING_NAMES = {"mean": "global average pooling", "adapter": "slice-pooling adapter", "image": "2D image"}
 
 
 # --------------------------------------------------------------------------- features
@@ -38,21 +53,13 @@ class Features:
     names: list = field(default_factory=list)
 
 
-def extract_features(model, samples, cache=None, poolings=("mean", "adapter"), progress=False) -> Features:
+def extract_features(model, samples, cache=None, poolings=("mean", "adapter")) -> Features:
     """Volumes: slice embeddings once (through `cache`, a `SliceEmbeddingCache`, if given), then each
     pooling; 2D images (PNG/JPEG/DICOM or volume+slice rows): the image embedding."""
-    from .io import read_volume
-    from .preprocessing import prepare_slice, unit_to_clip
-
     poolings = [p for p in poolings if p == "mean" or model.adapter is not None]
     out = {p: [] for p in poolings}
     images = []
-    iterator = samples
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(samples, desc="features", leave=False, disable=None)
-    for s in iterator:
+    for s in samples:
         volume = read_volume(s.image)
         if s.slice is not None or volume.array.shape[0] == 1:
             if s.slice is not None:
@@ -61,14 +68,9 @@ def extract_features(model, samples, cache=None, poolings=("mean", "adapter"), p
             else:
                 images.append(model.embed_image(volume))
             continue
-        slices = cache.get(s.image).float() if cache is not None else model.slice_embeddings(volume)[1]
+        slices = cache.get(s.image).float() if cache is not None else model.embed_slices(volume).embeddings
         for p in poolings:
-            if p == "mean":
-                from .adapter import mean_pool
-
-                vec = mean_pool(slices[None].float())[0][0]
-            else:
-                vec = model.pool(slices[None])[0][0]
+            vec = mean_pool(slices[None].float())[0][0] if p == "mean" else model.pool(slices[None])[0][0]
             out[p].append(vec.float().cpu().numpy())
     if images and any(out.values()):
         raise RadCLIPError("the manifest mixes 2D images and volumes; evaluate them separately")
@@ -77,92 +79,15 @@ def extract_features(model, samples, cache=None, poolings=("mean", "adapter"), p
                     [s.image.name for s in samples])
 
 
-# --------------------------------------------------------------------------- linear probe
-def probe_splits(labels, folds=5, val_fraction=0.1, seed=0):
-    """Stratified (train, val, test) index arrays per fold: test = 1/folds (20% for 5 folds) by
-    StratifiedKFold, val = `val_fraction` of all samples taken stratified from the rest (70/10/20)."""
-    _sklearn()
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-
-    labels = np.asarray(labels)
-    classes, counts = np.unique(labels, return_counts=True)
-    small = [f"'{c}' ({n})" for c, n in zip(classes, counts) if n < folds]
-    if small:
-        raise RadCLIPError(f"class {', '.join(small)} has fewer samples than the {folds} folds; "
-                           "add samples, merge classes or use --folds " + str(max(2, int(counts.min()))))
-    splits = []
-    for rest, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels):
-        n_val = max(len(classes), round(val_fraction * len(labels)))
-        if n_val >= len(rest) - len(classes):
-            raise RadCLIPError("too few samples for a validation split; add samples")
-        train, val = train_test_split(rest, test_size=n_val, stratify=labels[rest], random_state=seed)
-        splits.append((np.sort(train), np.sort(val), np.sort(test)))
-    return splits
+# --------------------------------------------------------------------------- scores from prompts
+def positive_probability(model, features: np.ndarray, positives, negatives) -> np.ndarray:
+    """(N, dim) features -> (N,) P(positive): the positive and the negative prompts are each averaged
+    (then re-normalised), and the softmax of the two cosines / temperature is taken."""
+    pos, neg = model.embed_texts(list(positives)).mean(0), model.embed_texts(list(negatives)).mean(0)
+    pair = np.stack([pos / np.linalg.norm(pos), neg / np.linalg.norm(neg)])
+    return prompt_softmax(np.atleast_2d(features) @ pair.T, model.temperature, axis=1)[:, 0]
 
 
-@dataclass
-class ProbeResult:
-    accuracy: list
-    macro_f1: list
-    predictions: np.ndarray  # out-of-fold prediction of every sample
-    classes: list
-    chosen_c: list
-
-    def summary(self) -> dict:
-        return {"accuracy_mean": float(np.mean(self.accuracy)), "accuracy_std": float(np.std(self.accuracy)),
-                "f1_mean": float(np.mean(self.macro_f1)), "f1_std": float(np.std(self.macro_f1))}
-
-
-def linear_probe(features: np.ndarray, labels, folds=5, seed=0, c_grid=(0.01, 0.1, 1.0, 10.0, 100.0)) -> ProbeResult:
-    """One linear layer (multinomial logistic regression) on frozen features; the L2 strength is
-    chosen on each fold's validation split; accuracy and macro-F1 on its test split."""
-    _sklearn()
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
-
-    labels = np.asarray(labels)
-    predictions = np.empty(len(labels), dtype=object)
-    acc, f1, chosen = [], [], []
-    for train, val, test in probe_splits(labels, folds, seed=seed):
-        best = None
-        for c in c_grid:
-            clf = LogisticRegression(C=c, max_iter=2000).fit(features[train], labels[train])
-            score = accuracy_score(labels[val], clf.predict(features[val]))
-            if best is None or score > best[0]:
-                best = (score, c, clf)
-        _, c, clf = best
-        pred = clf.predict(features[test])
-        predictions[test] = pred
-        acc.append(accuracy_score(labels[test], pred))
-        f1.append(f1_score(labels[test], pred, average="macro"))
-        chosen.append(c)
-    return ProbeResult(acc, f1, predictions, sorted(set(labels)), chosen)
-
-
-# --------------------------------------------------------------------------- matching, retrieval
-def matching_top1(features: np.ndarray, texts, candidates, text_embeddings: np.ndarray) -> float:
-    """Paper Table II: cosine of each image with every candidate text; top-1 precision."""
-    best = np.argmax(features @ text_embeddings.T, axis=1)
-    return float(np.mean([candidates[b] == t for b, t in zip(best, texts)]))
-
-
-def retrieval_recall(features: np.ndarray, texts, text_embeddings_per_sample: np.ndarray, ks=(1, 5, 10)) -> dict:
-    """R@k image->text and text->image over the N pairs (pool size N, reported); a retrieved item
-    counts as correct when its text equals the query's (labels repeat)."""
-    texts = np.asarray(texts)
-    sims = features @ text_embeddings_per_sample.T  # (images, texts)
-    same = texts[:, None] == texts[None, :]
-    out = {"pool_size": int(len(texts))}
-    for k in ks:
-        kk = min(k, len(texts))
-        top_t = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
-        top_i = np.argsort(-sims.T, axis=1, kind="stable")[:, :kk]
-        out[f"i2t_R@{k}"] = float(np.mean([same[i, top_t[i]].any() for i in range(len(texts))]))
-        out[f"t2i_R@{k}"] = float(np.mean([same[j, top_i[j]].any() for j in range(len(texts))]))
-    return out
-
-
-# --------------------------------------------------------------------------- zero-shot
 def zero_shot_scores(model, features: np.ndarray, classes, templates=ZERO_SHOT_TEMPLATES,
                      negatives=NEGATIVE_TEMPLATES) -> np.ndarray:
     """(N, classes) probability of "X" over "No X": prompt embeddings averaged over templates,
@@ -172,75 +97,25 @@ def zero_shot_scores(model, features: np.ndarray, classes, templates=ZERO_SHOT_T
     return np.stack(scores, axis=1)
 
 
-def positive_probability(model, features: np.ndarray, positives, negatives) -> np.ndarray:
-    """(N, dim) features -> (N,) P(positive): the positive and the negative prompts are each averaged
-    (then re-normalised), and the softmax of the two cosines / temperature is taken."""
-    pos, neg = model.embed_texts(list(positives)).mean(0), model.embed_texts(list(negatives)).mean(0)
-    pair = np.stack([pos / np.linalg.norm(pos), neg / np.linalg.norm(neg)])
-    logits = torch.from_numpy(np.atleast_2d(features) @ pair.T / model.temperature)
-    return torch.softmax(logits.double(), dim=1)[:, 0].numpy()
-
-
-def auc_with_ci(labels, scores, classes, n_boot=1000, seed=0) -> dict:
-    """Per-class ROC AUC (one-vs-rest), macro AUC and a bootstrap 95% CI of the macro AUC."""
-    _sklearn()
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels)
-    truth = np.stack([labels == c for c in classes], axis=1).astype(int)
-    per_class = {c: float(roc_auc_score(truth[:, i], scores[:, i])) for i, c in enumerate(classes)
-                 if 0 < truth[:, i].sum() < len(labels)}
-    if not per_class:
-        raise RadCLIPError("zero-shot AUC needs at least two classes present")
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(labels), len(labels))
-        vals = [roc_auc_score(truth[idx, i], scores[idx, i]) for i, c in enumerate(classes)
-                if c in per_class and 0 < truth[idx, i].sum() < len(idx)]
-        if vals:
-            boots.append(np.mean(vals))
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"per_class": per_class, "macro_auc": float(np.mean(list(per_class.values()))),
-            "ci95": [float(lo), float(hi)], "bootstrap": n_boot}
+def modality_scores(model, vectors, texts, distractors) -> dict:
+    """Mean probability (softmax over the true text and the distractors) of each prompt: the
+    paper's modality-recognition figure."""
+    true_emb = model.embed_texts(list(texts))
+    dist_emb = model.embed_texts(list(distractors)) if distractors else np.zeros((0, vectors.shape[1]))
+    cosines = np.concatenate([np.sum(vectors * true_emb, axis=1, keepdims=True), vectors @ dist_emb.T], axis=1)
+    probs = prompt_softmax(cosines, model.temperature, axis=1)
+    return {name: float(probs[:, i].mean()) for i, name in enumerate(["correct prompt", *distractors])}
 
 
 # --------------------------------------------------------------------------- zero-shot per anatomy (fVLM)
-NEGATION = ("no", "without", "negative for", "free of", "absence of", "resolved")
-
-
-def finding_truth(report: str, lexicon: dict, findings: dict) -> dict:
-    """{(label, finding): 0/1}: 1 when a sentence about the anatomy names the finding (whole word)
-    and no negation cue (no, without, negative for, ...) precedes it in that sentence."""
-    import re
-
-    from .reports import assign_sentences, split_sentences
-
-    assigned = assign_sentences(split_sentences(report), lexicon)
-    truth = {}
-    for label, words in findings.items():
-        for finding in words:
-            rx = re.compile(r"\b" + re.escape(finding) + r"\b", re.IGNORECASE)
-            hit = 0
-            for sentence in assigned.get(label, []):
-                m = rx.search(sentence)
-                if m and not any(re.search(r"\b" + re.escape(cue) + r"\b", sentence[:m.start()], re.IGNORECASE)
-                                 for cue in NEGATION):
-                    hit = 1
-            truth[(label, finding)] = hit
-    return truth
-
-
 def anatomy_zero_shot(model, studies, lexicon: dict, findings: dict, names: dict | None = None,
                       templates=("{finding} in the {anatomy}.",), negatives=("No {finding} in the {anatomy}.",),
                       min_patches=1.0, n_boot=1000, seed=0) -> dict:
     """Per anatomy and finding: P("finding in anatomy" over "no finding in anatomy") from the
     anatomy embedding of each study; ROC AUC per finding (where both outcomes occur), macro AUC and
     a bootstrap 95% CI over studies. `studies`: (volume, LabelMap, report) triples."""
-    _sklearn()
+    require_sklearn()
     from sklearn.metrics import roc_auc_score
-
-    from .anatomy import anatomy_embeddings
 
     names = names or {}
     keys = [(label, f) for label, words in findings.items() for f in words]
@@ -260,27 +135,154 @@ def anatomy_zero_shot(model, studies, lexicon: dict, findings: dict, names: dict
                                      [t.format(**fill) for t in negatives])
             scores[(label, finding)].append(float(p[0]))
             truth[(label, finding)].append(facts[(label, finding)])
-    per_finding, usable = {}, []
-    for k in keys:
-        if 0 < sum(truth[k]) < len(truth[k]):
-            per_finding[f"{names.get(k[0]) or lexicon[k[0]][0]}: {k[1]}"] = float(roc_auc_score(truth[k], scores[k]))
-            usable.append(k)
+    usable = [k for k in keys if 0 < sum(truth[k]) < len(truth[k])]
     if not usable:
         raise RadCLIPError("no finding occurs both present and absent in these reports; zero-shot AUC is undefined")
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        vals = []
-        for k in usable:
-            idx = rng.integers(0, len(truth[k]), len(truth[k]))
-            t = np.asarray(truth[k])[idx]
-            if 0 < t.sum() < len(t):
-                vals.append(roc_auc_score(t, np.asarray(scores[k])[idx]))
-        if vals:
-            boots.append(np.mean(vals))
-    lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else (float("nan"), float("nan"))
-    return {"per_finding": per_finding, "macro_auc": float(np.mean(list(per_finding.values()))),
-            "ci95": [float(lo), float(hi)], "positives": {f"{k[0]}: {k[1]}": int(sum(truth[k])) for k in keys},
-            "skipped": {f"{k[0]}: {k[1]}": n for k, n in skipped.items()}, "scores": {f"{k[0]}: {k[1]}": scores[k]
-                                                                                      for k in keys},
-            "truth": {f"{k[0]}: {k[1]}": truth[k] for k in keys}}
+    per_finding = {f"{names.get(k[0]) or lexicon[k[0]][0]}: {k[1]}": float(roc_auc_score(truth[k], scores[k]))
+                   for k in usable}
+    ci = bootstrap_macro_auc([truth[k] for k in usable], [scores[k] for k in usable], n_boot, seed, paired=False)
+    return {"per_finding": per_finding, "macro_auc": float(np.mean(list(per_finding.values()))), "ci95": ci,
+            "positives": {f"{k[0]}: {k[1]}": int(sum(truth[k])) for k in keys},
+            "skipped": {f"{k[0]}: {k[1]}": n for k, n in skipped.items()},
+            "scores": {f"{k[0]}: {k[1]}": scores[k] for k in keys}, "truth": {f"{k[0]}: {k[1]}": truth[k] for k in keys}}
+
+
+# --------------------------------------------------------------------------- the whole job
+@dataclass
+class EvaluationConfig:
+    manifest: Path
+    output: Path
+    models: list = field(default_factory=lambda: [("model", DEFAULT_MODEL)])  # (name, load_model source)
+    folds: int = 5
+    seed: int = 0
+    candidates: list | None = None  # texts for matching (default: the manifest's texts)
+    distractors: tuple = DISTRACTORS
+    templates: tuple = ZERO_SHOT_TEMPLATES
+    negative_templates: tuple = NEGATIVE_TEMPLATES
+    bootstrap: int = 1000
+    lexicon: Path | None = None  # anatomy level (fVLM): with `findings`
+    findings: Path | None = None
+    label_names: Path | None = None
+    min_patches: float = 1.0
+    cache_dir: Path | None = None
+    config: str | None = None  # architecture of .pth models
+    device: str = "auto"
+    offline: bool = False
+
+    def check(self):
+        for name, value in (("folds", self.folds), ("bootstrap", self.bootstrap)):
+            if value < 2:
+                raise RadCLIPError(f"--{name} must be at least 2")
+        if len({n for n, _ in self.models}) != len(self.models):
+            raise RadCLIPError("--model names must be different")
+        if bool(self.lexicon) != bool(self.findings):
+            raise RadCLIPError("anatomy-level evaluation needs both --lexicon and --findings")
+
+
+def run_evaluation(config: EvaluationConfig, report: Callable[[str], None] = log.info) -> dict:
+    """Every protocol for every model and pooling; writes ablation.md/.csv, results.json and plots
+    (or, with a lexicon and findings, the anatomy-level zero-shot table). `report` receives the
+    progress lines and the final table."""
+    config.check()
+    manifest = read_manifest(config.manifest)
+    if manifest.bad:
+        log.warning(manifest.report())
+    samples = manifest.samples
+    out_dir = check_output_dir(config.output)  # before any model is loaded or volume embedded
+    if config.lexicon:
+        return _run_anatomy(config, samples, out_dir, report)
+    classes = sorted({s.label or s.text for s in samples})
+    if len(classes) < 2:
+        raise RadCLIPError(f"the manifest has one class ('{classes[0]}') in its {len(samples)} usable rows; "
+                           "evaluation compares classes: give rows with at least two labels or texts")
+    rows, details = [], {}
+    for name, src in config.models:
+        model = load_model(src, device=config.device, offline=True if config.offline else None, config=config.config)
+        cache = SliceEmbeddingCache(config.cache_dir or out_dir / "embedding_cache", model, model.plane, None)
+        feats = extract_features(model, samples, cache)
+        candidates = list(config.candidates or sorted(set(feats.texts)))
+        cand_emb = model.embed_texts(candidates)
+        classes = sorted(set(feats.labels))
+        for pooling, vectors in feats.vectors.items():
+            row_name = f"{name} / {POOLING_NAMES[pooling]}"
+            report(f"evaluating {row_name} on {len(samples)} samples ...")
+            probe = linear_probe(vectors, feats.labels, folds=config.folds, seed=config.seed)
+            zs = zero_shot_scores(model, vectors, classes, config.templates, config.negative_templates)
+            auc = auc_with_ci(feats.labels, zs, classes, n_boot=config.bootstrap, seed=config.seed)
+            recall = retrieval_recall(vectors, feats.texts, model.embed_texts(feats.texts))
+            ci = auc["ci95"] or [None, None]
+            rows.append({"encoder": name, "pooling": POOLING_NAMES[pooling], **probe.summary(),
+                         "top1_matching": matching_top1(vectors, feats.texts, candidates, cand_emb),
+                         "zero_shot_macro_auc": auc["macro_auc"], "auc_ci_low": ci[0], "auc_ci_high": ci[1], **recall})
+            details[row_name] = {"probe": {"accuracy": probe.accuracy, "macro_f1": probe.macro_f1,
+                                           "chosen_C": probe.chosen_c}, "zero_shot": auc,
+                                 "modality_recognition": modality_scores(model, vectors, feats.texts, config.distractors),
+                                 "candidates": candidates}
+            stem = f"{name}_{pooling}"
+            plot_roc(np.asarray(feats.labels), zs, classes, out_dir / f"roc_{stem}.png", row_name)
+            plot_confusion(np.asarray(feats.labels), probe.predictions, probe.classes,
+                           out_dir / f"confusion_{stem}.png", f"{row_name}: linear probe")
+    plot_modality_recognition({k: v["modality_recognition"] for k, v in details.items()},
+                              out_dir / "modality_recognition.png")
+    table = markdown_table(rows, config.folds)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "ablation.csv", buf.getvalue())
+    atomic_write_text(out_dir / "ablation.md", table + "\n")
+    atomic_write_text(out_dir / "results.json", json.dumps({"rows": rows, "details": details,
+                                                            "samples": len(samples)}, indent=2) + "\n")
+    report(table)
+    report(f"\nwritten to {out_dir}: ablation.md, ablation.csv, results.json, roc_*.png, confusion_*.png, "
+           "modality_recognition.png")
+    return {"rows": rows, "table": table}
+
+
+def _run_anatomy(config, samples, out_dir, report) -> dict:
+    """Zero-shot AUC per anatomy and finding, for every model (fVLM's evaluation)."""
+    lexicon = read_lexicon(config.lexicon)
+    findings = {int(k): list(v) for k, v in read_lexicon(config.findings).items()}
+    unknown = sorted(set(findings) - set(lexicon))
+    if unknown:
+        raise RadCLIPError(f"--findings names labels {unknown} that the lexicon does not")
+    if any(s.mask is None for s in samples):
+        raise RadCLIPError("anatomy-level evaluation needs a 'mask' column in every manifest row")
+    names = read_label_names(config.label_names) if config.label_names else {}
+    studies = [(read_volume(s.image), read_labelmap(s.mask, names), s.text) for s in samples]
+    rows, details = [], {}
+    for name, src in config.models:
+        model = load_model(src, device=config.device, offline=True if config.offline else None, config=config.config)
+        out = anatomy_zero_shot(model, studies, lexicon, findings, names, min_patches=config.min_patches,
+                                n_boot=config.bootstrap, seed=config.seed)
+        details[name] = {k: v for k, v in out.items() if k not in ("scores", "truth")}
+        for finding, auc in out["per_finding"].items():
+            rows.append({"model": name, "finding": finding, "auc": auc})
+        ci = out["ci95"] or [None, None]
+        rows.append({"model": name, "finding": "macro", "auc": out["macro_auc"], "ci_low": ci[0], "ci_high": ci[1]})
+    lines = ["| Model | Anatomy: finding | Zero-shot AUC |", "|---|---|---|"]
+    for r in rows:
+        ci = f" ({r['ci_low']:.3f}–{r['ci_high']:.3f})" if r.get("ci_low") is not None else ""
+        lines.append(f"| {r['model']} | {r['finding']} | {r['auc']:.3f}{ci} |")
+    table = "\n".join(lines)
+    atomic_write_text(out_dir / "anatomy_zero_shot.md", table + "\n")
+    atomic_write_text(out_dir / "anatomy_zero_shot.json", json.dumps({"rows": rows, "details": details,
+                                                                     "studies": len(studies)}, indent=2) + "\n")
+    report(table)
+    report(f"\nwritten to {out_dir}: anatomy_zero_shot.md, anatomy_zero_shot.json")
+    return {"rows": rows, "table": table}
+
+
+def markdown_table(rows, folds) -> str:
+    head = ("| Encoder | Pooling | Linear probe accuracy | Linear probe macro-F1 | Top-1 matching | "
+            "Zero-shot macro AUC (95% CI) | R@1 i→t | R@1 t→i |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        ci = f" ({r['auc_ci_low']:.3f}–{r['auc_ci_high']:.3f})" if r["auc_ci_low"] is not None else ""
+        lines.append(f"| {r['encoder']} | {r['pooling']} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | "
+                     f"{r['f1_mean']:.3f} ± {r['f1_std']:.3f} | {r['top1_matching']:.3f} | "
+                     f"{r['zero_shot_macro_auc']:.3f}{ci} | {r['i2t_R@1']:.3f} | {r['t2i_R@1']:.3f} |")
+    pool = rows[0]["pool_size"] if rows else 0
+    lines.append(f"\nLinear probe: {folds}-fold stratified CV (train/val/test per fold), mean ± std. "
+                 f"Retrieval pool: {pool} pairs.")
+    return "\n".join(lines)

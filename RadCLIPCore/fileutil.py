@@ -5,6 +5,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import RadCLIPError
+
 
 @contextmanager
 def atomic_path(target, suffix=""):
@@ -55,8 +57,6 @@ def check_output_dir(path, what="output folder") -> Path:
     Raises RadCLIPError naming the folder when it cannot be created (a parent is a file, no
     permission, read-only disk) or cannot be written.
     """
-    from .errors import RadCLIPError
-
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -75,8 +75,6 @@ def check_output_dir(path, what="output folder") -> Path:
 def check_output_file(path, what="output file") -> Path:
     """The folder that will receive `path` exists (or can be made) and is writable, and `path`
     itself is not a folder; checked before the work that produces the file."""
-    from .errors import RadCLIPError
-
     path = Path(path)
     if path.is_dir():
         raise RadCLIPError(f"{what} '{path}' is a folder; give a file name")

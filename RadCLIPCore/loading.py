@@ -42,12 +42,10 @@ from .errors import RadCLIPError
 from .fileutil import atomic_path
 from .model import RadCLIPModel
 from .preprocessing import PLANES, ConfigError, PreprocessConfig, check_int, check_number, shown
+from .presets import DEFAULT_MODEL, RADCLIP_FILE, RADCLIP_REPO, hub_cache_dir, resolve_preset
 
 log = logging.getLogger("RadCLIPCore")
 
-DEFAULT_MODEL = "openai/clip-vit-large-patch14"
-RADCLIP_REPO, RADCLIP_FILE = "zluvolyote/RadCLIP", "RadCLIP.pth"
-PRESETS = {"clip": DEFAULT_MODEL, "radclip": f"{RADCLIP_REPO}/{RADCLIP_FILE}"}
 RADCLIP_CONFIG = "radclip_config.json"
 FORMAT_VERSION = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -69,11 +67,11 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, device="auto", precisi
     if pooling not in (None, "mean", "adapter"):
         raise RadCLIPError(f"unknown pooling '{pooling}': use mean or adapter")
     resolve_precision(precision, resolve_device(device))  # a bad choice fails before any weights are read
-    source = PRESETS.get(str(source), source)
+    source = resolve_preset(source)
     offline = _offline(offline)
     kwargs = dict(device=device, precision=precision, batch_size=batch_size)
     path = Path(os.path.expanduser(str(source)))
-    if str(source) == PRESETS["radclip"] and not path.exists():
+    if str(source) == f"{RADCLIP_REPO}/{RADCLIP_FILE}" and not path.exists():
         return _load_state_dict(_hub_file(RADCLIP_REPO, RADCLIP_FILE, offline, cache_dir), config, source, kwargs,
                                 pooling)
     if path.exists():
@@ -223,11 +221,7 @@ def _cached_snapshot(repo: str, cache_dir) -> Path | None:
 
 
 def _hub_cache(cache_dir) -> str:
-    if cache_dir:
-        return str(cache_dir)
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
+    return hub_cache_dir(cache_dir)
 
 
 def _endpoint() -> str:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import SlicePoolingAdapter, mean_pool
+from .anatomy import pool_anatomies
 from .encoders import image_features, resolve_device, resolve_precision, text_features
 from .errors import RadCLIPError
 from .io import Volume, as_volume
@@ -57,6 +58,12 @@ class VolumeEmbedding:
     @property
     def most_attended_slice(self) -> int:
         return int(np.argmax(self.slice_weights))
+
+
+class SliceEmbeddings(NamedTuple):
+    prepared: object  # the PreparedVolume: plane, sampled slices, the map back to the input
+    embeddings: torch.Tensor  # (len(prepared.sampled), dim) unit norm, canonical slice order
+    patches: torch.Tensor | None = None  # (len(prepared.sampled), patches, dim) unit norm, or None
 
 
 class RankedPrompt(NamedTuple):
@@ -106,10 +113,13 @@ class RadCLIPModel:
 
     # ----------------------------------------------------------------- encoders
     @torch.inference_mode()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) preprocessed slices -> (N, dim) float32 unit-norm embeddings."""
-        feats = image_features(self.clip, pixels.to(self.device, self.dtype))
-        return F.normalize(feats.float(), dim=-1)
+    def encode_pixels(self, pixels: torch.Tensor, patch_tokens: bool = False):
+        """(N, 3, S, S) preprocessed slices -> (N, dim) float32 unit-norm embeddings; with
+        `patch_tokens`, also their (N, patches, dim) unit-norm patch vectors (same forward pass)."""
+        feats = image_features(self.clip, pixels.to(self.device, self.dtype), patch_tokens)
+        if not patch_tokens:
+            return F.normalize(feats.float(), dim=-1)
+        return F.normalize(feats[0].float(), dim=-1), F.normalize(feats[1].float(), dim=-1)
 
     @torch.inference_mode()
     def pool(self, slices: torch.Tensor, padding_mask: torch.Tensor | None = None):
@@ -124,7 +134,7 @@ class RadCLIPModel:
                      batch_size=None, progress=None) -> VolumeEmbedding:
         """Embed a volume: a path (file or DICOM folder), a `Volume`, or a `(k, j, i)` array with
         `spacing` (i, j, k) in mm and an LPS `direction`. `plane=None` uses the model's plane policy.
-        `progress(done, total)`: see `slice_embeddings`.
+        `progress(done, total)`: see `embed_slices`.
         """
         plane = plane or self.plane
         _positive_int(batch_size, "batch size")  # checked before any reading or encoding
@@ -148,34 +158,59 @@ class RadCLIPModel:
         self._volumes.move_to_end(key)
         return self._volumes[key]
 
-    def slice_embeddings(self, volume: Volume, plane=None, max_slices=None, batch_size=None, progress=None):
-        """(PreparedVolume, (len(prepared.sampled), dim) unit-norm embeddings in canonical slice order).
+    def embed_slices(self, volume: Volume, plane=None, max_slices=None, batch_size=None, progress=None,
+                     patch_tokens=False):
+        """`SliceEmbeddings(prepared, embeddings, patches)`: the volume prepared for the model, the
+        (len(prepared.sampled), dim) unit-norm embedding of each embedded slice in canonical order,
+        and with `patch_tokens` their (len(sampled), patches, dim) patch vectors from the same pass
+        of the vision tower (else None).
 
-        The one path from a volume to per-slice embeddings: inference and the stage-2 cache use it.
-        `progress(done, total)` is called after each slice batch (slices embedded so far, slices to
-        embed); an exception it raises stops the work there (that is how a caller cancels).
+        The one path from a volume to per-slice embeddings: inference, the anatomy embeddings and
+        the stage-2 cache use it. `progress(done, total)` is called after each slice batch (slices
+        embedded so far, slices to embed); an exception it raises stops the work there (that is how
+        a caller cancels).
         """
         prepared = prepare_volume(volume, plane or self.plane, max_slices, self.preprocess)
         batch_size = _positive_int(batch_size, "batch size") or self.batch_size
-        total, parts = len(prepared.sampled), []
+        total, parts, patches = len(prepared.sampled), [], []
         for pixels in _prefetched(prepared.pixel_batches(batch_size)):
-            parts.append(self.encode_pixels(pixels))
+            out = self.encode_pixels(pixels, patch_tokens)
+            parts.append(out[0] if patch_tokens else out)
+            if patch_tokens:
+                patches.append(out[1])
             if progress is not None:
                 progress(sum(len(p) for p in parts), total)
-        return prepared, torch.cat(parts)
+        return SliceEmbeddings(prepared, torch.cat(parts), torch.cat(patches) if patch_tokens else None)
+
+    def embed_volume_and_anatomies(self, source, labelmap, labels=None, plane=None, max_slices=None,
+                                   min_patches: float = 1.0, batch_size=None, progress=None):
+        """(VolumeEmbedding, AnatomyEmbeddings) from one pass of the vision tower over the slices:
+        the CLS token gives the volume, the patch tokens the anatomies of `labelmap` (a LabelMap).
+        The volume embedding is remembered like `embed_volume`'s."""
+        plane = plane or self.plane
+        volume = as_volume(source)
+        check_volume_shape(volume)
+        slices = self.embed_slices(volume, plane, max_slices, batch_size, progress, patch_tokens=True)
+        embedding = self._volume_embedding(slices)
+        key = (_content_hash(volume), plane, _positive_int(max_slices, "max slices"))
+        self._remember(self._volumes, key, embedding, VOLUME_CACHE_SIZE)
+        anatomies = pool_anatomies(self, slices, volume, labelmap, labels, min_patches)
+        return embedding, anatomies
 
     def _embed_volume(self, volume: Volume, plane, max_slices, batch_size, progress) -> VolumeEmbedding:
-        prepared, slices = self.slice_embeddings(volume, plane, max_slices, batch_size, progress)
+        return self._volume_embedding(self.embed_slices(volume, plane, max_slices, batch_size, progress))
+
+    def _volume_embedding(self, slices) -> VolumeEmbedding:
+        prepared, slices = slices.prepared, slices.embeddings
         embedding, weights = self.pool(slices.unsqueeze(0))
         self._finite(torch.cat([embedding.flatten(), weights.flatten()]).float().cpu().numpy())
-        order = slice(None, None, -1) if prepared.canonical.flipped[prepared.axis] else slice(None)
-        sampled_input = np.array([prepared.input_index(int(c)) for c in prepared.sampled])
+        sampled_input, order = prepared.sampled_input_order()
         return VolumeEmbedding(
             embedding=embedding[0].float().cpu().numpy(),
             slice_weights=prepared.to_input_order(weights[0].float().cpu().numpy()),
             slice_axis=prepared.slice_axis,
             plane=prepared.plane,
-            sampled_slices=sampled_input[order],
+            sampled_slices=sampled_input,
             slice_embeddings=slices.cpu().numpy()[order],
             pooling=self.pooling,
         )
@@ -231,7 +266,7 @@ class RadCLIPModel:
         if vec.shape != (self.dim,):
             raise RadCLIPError(f"expected an embedding of shape ({self.dim},), got {vec.shape}")
         cosines = self.embed_texts(prompts) @ vec.astype(np.float32)
-        probs = torch.softmax(torch.from_numpy(cosines.astype(np.float64)) / self.temperature, dim=0).numpy()
+        probs = prompt_softmax(cosines, self.temperature)
         self._finite(np.concatenate([cosines, probs]))
         order = np.argsort(-cosines, kind="stable")
         return [RankedPrompt(prompts[i], float(probs[i]), float(cosines[i])) for i in order]
@@ -262,8 +297,8 @@ class RadCLIPModel:
         weights for the volume, this is per prompt and exists for every model (mean pooling too).
         """
         texts = self.embed_texts(_check_prompts(prompts))
-        cosines = torch.from_numpy(np.asarray(embedding.slice_embeddings, np.float32) @ texts.T).double()
-        per_sampled = torch.softmax(cosines / self.temperature, dim=0).numpy().T  # (k, sampled)
+        cosines = texts @ np.asarray(embedding.slice_embeddings, np.float32).T  # (k, sampled)
+        per_sampled = prompt_softmax(cosines, self.temperature)  # over the slices
         n = len(embedding.slice_weights)
         sampled = np.asarray(embedding.sampled_slices)
         rows = [np.interp(np.arange(n), sampled, r) if len(sampled) < n else r for r in per_sampled]
@@ -276,6 +311,16 @@ class RadCLIPModel:
         cache.move_to_end(key)
         while len(cache) > limit:
             cache.popitem(last=False)
+
+
+def prompt_softmax(cosines, temperature: float, axis: int = -1) -> np.ndarray:
+    """CLIP's probabilities: the softmax of cosine / temperature along `axis`, in float64.
+
+    The one place this is computed: ranking prompts (over the prompts), per-slice relevance (over
+    the slices), zero-shot pairs and the modality-recognition figure (over the candidate texts).
+    """
+    logits = torch.from_numpy(np.asarray(cosines, dtype=np.float64) / float(temperature))
+    return torch.softmax(logits, dim=axis).numpy()
 
 
 def _prefetched(batches, depth=2):

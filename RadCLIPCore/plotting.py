@@ -9,7 +9,7 @@ from .errors import RadCLIPError
 from .fileutil import atomic_write_bytes
 from .io import Volume
 from .model import VolumeEmbedding
-from .preprocessing import prepare_volume
+from .preprocessing import view_volume
 
 
 def pyplot():
@@ -63,7 +63,7 @@ def plot_attention(emb: VolumeEmbedding, volume: Volume, path, top: int = 3, tit
     ax.set_ylabel("weight per slice (sums to 1)")
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(title or f"where the model looked ({emb.pooling} pooling)")
-    prepared = prepare_volume(volume, emb.plane)
+    prepared = view_volume(volume, emb.plane)  # thumbnails need no intensity statistics
     for col, i in enumerate(best):
         sub = fig.add_subplot(grid[1, col])
         img = prepared.slices([prepared.input_index(i)])[0].astype(np.float32)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import RadCLIPError
-from .io import Volume
+from .io import Volume, ijk_axis
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -140,7 +140,7 @@ def canonicalize(volume: Volume) -> Canonical:
     source_axis, flipped, spacing = [], [], []
     for canon_index_axis in (2, 1, 0):  # canonical numpy order S, P, L
         n = next(n for n, (t, _) in enumerate(target) if t == canon_index_axis)
-        source_axis.append(2 - n)  # index axis n is numpy axis 2 - n
+        source_axis.append(ijk_axis(n))  # the IJK <-> numpy axis map is its own inverse
         flipped.append(target[n][1])
         spacing.append(float(volume.spacing[n]))
     array = volume.array.transpose(source_axis)
@@ -247,21 +247,28 @@ class PreparedVolume:
             idx = self.sampled[start:start + batch_size]
             yield slices_to_pixels(self.slices(idx), self.stats, self.pixel_spacing, self.config)
 
+    def input_index(self, canonical_index: int) -> int:
+        """The input array's slice number of canonical slice `canonical_index`: the one place where
+        the canonical frame's slice order is mapped back to the input's."""
+        return self.n_slices - 1 - canonical_index if self.canonical.flipped[self.axis] else canonical_index
+
+    def sampled_input_order(self) -> tuple:
+        """(input slice numbers of the sampled slices, ascending; the positions in `sampled` that
+        give them): per-sampled-slice values taken at those positions run in input order."""
+        inputs = np.array([self.input_index(int(c)) for c in self.sampled], dtype=np.int64)
+        order = np.argsort(inputs, kind="stable")
+        return inputs[order], order
+
     def to_input_order(self, sampled_values: np.ndarray) -> np.ndarray:
         """Per-sampled-slice weights -> weights for every input slice, in input order, summing to 1.
 
         Slices skipped by `max_slices` get the linear interpolation of their sampled neighbours.
         """
-        values = np.asarray(sampled_values, dtype=np.float64)
-        if len(self.sampled) < self.n_slices:
-            values = np.interp(np.arange(self.n_slices), self.sampled, values)
-        values = values / values.sum()
-        if self.canonical.flipped[self.axis]:
-            values = values[::-1]
-        return values.astype(np.float32)
-
-    def input_index(self, canonical_index: int) -> int:
-        return self.n_slices - 1 - canonical_index if self.canonical.flipped[self.axis] else canonical_index
+        inputs, order = self.sampled_input_order()
+        values = np.asarray(sampled_values, dtype=np.float64)[order]
+        if len(inputs) < self.n_slices:
+            values = np.interp(np.arange(self.n_slices), inputs, values)
+        return (values / values.sum()).astype(np.float32)
 
 
 def check_volume_shape(volume: Volume):
@@ -281,13 +288,20 @@ def evenly_spaced(n: int, max_slices) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n - 1, int(max_slices))).astype(np.int64))
 
 
-def prepare_volume(volume: Volume, plane="auto", max_slices=None, config=PreprocessConfig()) -> PreparedVolume:
+def view_volume(volume: Volume, plane="auto", max_slices=None, config=PreprocessConfig()) -> PreparedVolume:
+    """The volume in the canonical frame, its plane and sampled slices, without intensity
+    statistics: enough to show slices (thumbnails), not to embed them."""
     check_volume_shape(volume)
     canonical = canonicalize(volume)
     name = choose_plane(canonical.spacing, plane)
     axis = PLANES.index(name)
-    sampled = evenly_spaced(canonical.array.shape[axis], max_slices)
-    return PreparedVolume(canonical, name, axis, sampled, intensity_stats(volume.array), config)
+    return PreparedVolume(canonical, name, axis, evenly_spaced(canonical.array.shape[axis], max_slices), None, config)
+
+
+def prepare_volume(volume: Volume, plane="auto", max_slices=None, config=PreprocessConfig()) -> PreparedVolume:
+    """`view_volume` plus the volume's intensity statistics: ready to be embedded."""
+    view = view_volume(volume, plane, max_slices, config)
+    return replace(view, stats=intensity_stats(volume.array))
 
 
 def prepare_image(volume: Volume, config=PreprocessConfig(), unit=False) -> torch.Tensor:

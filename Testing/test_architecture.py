@@ -15,7 +15,8 @@ from conftest import REPO
 CORE = REPO / "RadCLIPCore"
 COMMANDS = CORE / "commands"
 # heavy or optional third-party packages a library function may import when it needs them
-LAZY_OK = {"matplotlib", "sklearn", "tqdm", "nrrd", "huggingface_hub", "PIL", "ctypes", "torch"}
+LAZY_OK = {"matplotlib", "sklearn", "tqdm", "nrrd", "huggingface_hub", "PIL", "ctypes", "torch", "transformers",
+           "importlib"}
 
 
 def modules() -> dict:
