@@ -18,13 +18,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .preprocessing import ConfigError, check_int, check_number, shown
+from .preprocessing import ConfigError, check_int, check_number, check_section, shown
 
 
 @dataclass
@@ -56,15 +56,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data):
-        known = [f.name for f in fields(cls)]
-        if not isinstance(data, dict):
-            raise ConfigError(f"'adapter' must be an object with {', '.join(known)}, got {shown(data)}")
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"'adapter.{unknown[0]}' is an unknown adapter setting (known: {', '.join(known)})")
-        if "dim" not in data:
-            raise ConfigError("'adapter.dim' is missing")
-        return cls(**data)
+        return cls(**check_section("adapter", data, cls, required=("dim",)))
 
 
 def _valid_mask(padding_mask, batch, length, device):

@@ -63,6 +63,21 @@ def shown(value) -> str:
     return f"a {type(value).__name__} of {len(text)} characters"
 
 
+def check_section(section: str, data, config_class, required=()) -> dict:
+    """A config section read from JSON: an object whose keys are all fields of `config_class` and
+    that has the `required` ones; else a ConfigError naming the key."""
+    known = [f.name for f in fields(config_class)]
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{section}' must be an object with {', '.join(known)}, got {shown(data)}")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"'{section}.{unknown[0]}' is an unknown {section} setting (known: {', '.join(known)})")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ConfigError(f"'{section}.{missing[0]}' is missing")
+    return data
+
+
 def check_int(key: str, value, minimum: int = 1) -> int:
     # bool is an int to Python, and 64.0 is no size: both are refused
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
@@ -108,14 +123,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, data):
-        known = [f.name for f in fields(cls)]
-        if not isinstance(data, dict):
-            raise ConfigError(f"'preprocessing' must be an object with {', '.join(known)}, got {shown(data)}")
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"'preprocessing.{unknown[0]}' is an unknown preprocessing setting "
-                              f"(known: {', '.join(known)})")
-        return cls(**data)
+        return cls(**check_section("preprocessing", data, cls))
 
 
 @dataclass

@@ -26,19 +26,19 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 # RadCLIPCore is bundled beside this file in the built extension; in a source checkout it is one
-# folder up. Only the path is set here; the torch-free parts are imported on first use.
+# folder up. Only the path is set here, and only torch-free parts of it are imported by this process.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 for _candidate in (_HERE, os.path.dirname(_HERE)):
     if os.path.isdir(os.path.join(_candidate, "RadCLIPCore")) and _candidate not in sys.path:
         sys.path.append(_candidate)
         break
 
+from RadCLIPCore.presets import DISTRACTORS, LOCAL_MODEL_LABEL, PRESETS  # noqa: E402  (no torch: a small table)
+
 MINIMUM_SLICER = (5, 10)  # Python 3.12: transformers 5 needs Python >= 3.11 (Slicer 5.8 ships 3.9)
 TORCH_REQUIREMENT = ">=2.6"  # transformers 5 disables itself under torch < 2.6
-# the labels of RadCLIPCore.presets.PRESETS (checked by a test), then a folder or file of one's own
-MODEL_LABELS = ["CLIP ViT-L/14 (OpenAI)", "RadCLIP 2D — published weights", "Local model folder…"]
-DEFAULT_PROMPTS = "\n".join(["Brain MRI", "Head CT", "Chest CT", "Chest X-ray", "Abdomen CT", "Knee MRI",
-                             "A puppy", "A cat", "A life vest"])
+MODEL_LABELS = [p.label for p in PRESETS] + [LOCAL_MODEL_LABEL]
+DEFAULT_PROMPTS = "\n".join(["Brain MRI", "Head CT", "Chest CT", "Chest X-ray", "Abdomen CT", "Knee MRI", *DISTRACTORS])
 PROMPT_PRESETS = {
     "Modality": DEFAULT_PROMPTS,
     "Common findings": "\n".join(["Chest CT", "Chest CT with pneumonia", "Chest CT with lung nodule",

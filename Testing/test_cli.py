@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from RadCLIPCore.cli import main
+from RadCLIPCore.commands import main
 
 from conftest import REPO
 

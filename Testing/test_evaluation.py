@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from conftest import REPO
 
 from RadCLIPCore import RadCLIPError
-from RadCLIPCore.evaluation import auc_with_ci, linear_probe, matching_top1, probe_splits, retrieval_recall
+from RadCLIPCore.metrics import auc_with_ci, linear_probe, matching_top1, probe_splits, retrieval_recall
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +111,13 @@ def test_evaluate_end_to_end(demo, hf_dir, radclip_dir, tmp_path):
 
 
 def test_evaluate_bad_inputs(demo, hf_dir, tmp_path):
-    from RadCLIPCore.cli import main
+    from RadCLIPCore.commands import main
 
     _, _, volumes = demo
     assert main(["evaluate", "--manifest", str(volumes), "--model", "nameonly", "--output", str(tmp_path)]) == 2
     import csv
 
-    from RadCLIPCore.data import write_manifest
+    from RadCLIPCore.manifests import write_manifest
 
     rows = list(csv.DictReader(open(volumes)))[:7]  # 6 brain volumes and 1 chest CT
     few = tmp_path / "few.csv"
@@ -133,8 +133,8 @@ def test_evaluate_user_errors_are_found_before_any_work(demo, hf_dir, tmp_path, 
     """One class in the manifest, an output path under a file: exit 2 and one line, nothing embedded."""
     import csv
 
-    from RadCLIPCore.cli import main
-    from RadCLIPCore.data import write_manifest
+    from RadCLIPCore.commands import main
+    from RadCLIPCore.manifests import write_manifest
 
     _, _, volumes = demo
     rows = [r for r in csv.DictReader(open(volumes)) if r["text"] == "Brain MRI"][:6]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from RadCLIPCore import RadCLIPError
-from RadCLIPCore.data import read_manifest, write_manifest
-from RadCLIPCore.pretrain import split_samples
+from RadCLIPCore.datasets import split_samples
+from RadCLIPCore.manifests import read_manifest, write_manifest
 
 from test_anatomy import studies  # noqa: F401  (a fixture)
 from test_training import STAGE1, run, stage1_args

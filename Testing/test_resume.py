@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from RadCLIPCore import RadCLIPError, RadCLIPModel, save_model
 from RadCLIPCore.encoders import bundled_tokenizer, new_clip_model
-from RadCLIPCore.training import CHECKPOINT_VERSION
+from RadCLIPCore.trainer import CHECKPOINT_VERSION, DistContext, TrainConfig, Trainer
 
 from test_training import STAGE2, _tiny_trainer, run
 
@@ -239,12 +239,9 @@ def test_damaged_checkpoints_through_the_entry_point(adapter_run, bases, tmp_pat
 
 
 def test_a_nan_loss_stops_the_run_with_one_line_instead_of_exporting_it(tmp_path):
-    from RadCLIPCore import RadCLIPError
-    from RadCLIPCore.training import DistContext, TrainConfig, Trainer
-
     layer = torch.nn.Linear(2, 2)
     data = [torch.ones(2) for _ in range(4)]
     trainer = Trainer(layer, lambda module, batch: module(batch).sum() * float("nan"), data, None, torch.stack,
-                      TrainConfig(epochs=2, batch_size=2), tmp_path, DistContext(), progress=False)
+                      TrainConfig(epochs=2, batch_size=2), tmp_path, DistContext())
     with pytest.raises(RadCLIPError, match="training diverged: the loss is nan at epoch 1, step 1"):
         trainer.fit()

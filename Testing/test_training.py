@@ -18,9 +18,12 @@ from safetensors.torch import load_file
 from conftest import REPO
 
 from RadCLIPCore import RadCLIPError, load_model
-from RadCLIPCore.data import build_text, read_manifest, write_manifest
+from RadCLIPCore.datasets import ImageTextDataset, positive_groups
 from RadCLIPCore.losses import info_nce, same_text_targets
-from RadCLIPCore.training import EarlyStopping, TrainConfig, Trainer, DistContext
+from RadCLIPCore.manifests import build_text, read_manifest, write_manifest
+from RadCLIPCore.trainer import EarlyStopping, TrainConfig, Trainer, TrainingHooks, DistContext
+
+from test_anatomy import studies  # noqa: F401  (a fixture)
 
 STAGE1 = REPO / "Training" / "pretrain_2d.py"
 STAGE2 = REPO / "Training" / "pretrain_adapter.py"
@@ -59,8 +62,8 @@ def run_code(code, *args, timeout=600):
 _KILL_AFTER_STEP = """
 import os, runpy, signal, sys
 sys.path.insert(0, {repo!r})
-from RadCLIPCore import training
-write = training.MetricsLog.write
+from RadCLIPCore import trainer
+write = trainer.MetricsLog.write
 
 
 def write_then_die(self, kind, record, tensorboard=True):
@@ -69,7 +72,7 @@ def write_then_die(self, kind, record, tensorboard=True):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-training.MetricsLog.write = write_then_die
+trainer.MetricsLog.write = write_then_die
 sys.argv = [{script!r}] + sys.argv[1:]
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -115,8 +118,6 @@ def test_identical_texts_make_plain_and_calibrated_infonce_the_same_function():
 def test_grouped_normal_texts_are_not_pushed_apart():
     """fVLM's false negatives: two normal findings worded differently. Plain InfoNCE keeps their
     images apart as different classes; grouping them as positives pulls them together."""
-    from RadCLIPCore.pretrain import positive_groups
-
     index = {"Chest X-ray, no acute findings": 0, "Chest X-ray, normal study": 1, "Chest X-ray with effusion": 2}
     groups = positive_groups(index, r"no acute|normal")
     assert groups.tolist() == [3, 3, 2]
@@ -189,8 +190,6 @@ def test_jsonl_manifest_with_volume_slices(demo, tmp_path):
     (tmp_path / "m.jsonl").write_text("\n".join(lines + ["{broken"]) + "\n")
     parsed = read_manifest(tmp_path / "m.jsonl")
     assert [s.slice for s in parsed.samples] == [5, 10, 99] and parsed.bad[0][1].startswith("not JSON")
-    from RadCLIPCore.pretrain import ImageTextDataset
-
     ds = ImageTextDataset(parsed.samples, {"Brain MRI": 0}, load_model_preprocess(), parsed)
     assert len(ds) == 2 and "outside the volume" in parsed.report()  # slice 99 of a 40-slice volume
 
@@ -219,7 +218,7 @@ def _tiny_trainer(tmp_path, lr, **cfg):
 
     collate = lambda b: (torch.stack([x for x, _ in b]), torch.stack([y for _, y in b]))  # noqa: E731
     config = TrainConfig(batch_size=4, lr=lr, **cfg)
-    return Trainer(module, loss_fn, data, data[:8], collate, config, tmp_path, DistContext(), progress=False)
+    return Trainer(module, loss_fn, data, data[:8], collate, config, tmp_path, DistContext())
 
 
 def test_early_stopping_triggers(tmp_path):
@@ -255,10 +254,10 @@ def test_cosine_schedule_from_base_lr(tmp_path):
 _SAVER = """
 import io, os, signal, sys, torch
 sys.path.insert(0, {repo!r})
-from RadCLIPCore.training import Trainer, TrainConfig, DistContext
+from RadCLIPCore.trainer import Trainer, TrainConfig, DistContext
 m = torch.nn.Linear(1000, 1000)
 t = Trainer(m, lambda mod, b: mod(b).sum(), [torch.zeros(1000)] * 4, None, torch.stack, TrainConfig(batch_size=2),
-            {out!r}, DistContext(), progress=False)
+            {out!r}, DistContext())
 real_save = torch.save
 
 
@@ -436,6 +435,42 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     for path in ("stage1/model/radclip_config.json", "stage2/model/adapter.safetensors", "attention.png",
                  "stage1/loss_curves.png", "stage2/loss_curves.png"):
         assert (tmp_path / "demo" / path).exists(), path
+
+
+def test_stages_run_from_python_and_report_through_hooks_only(even_slices, tmp_path, capsys):
+    """The library prints nothing: where the rows went, each epoch and the batch progress reach
+    the caller through TrainingHooks (the command layer prints them)."""
+    from RadCLIPCore.stages import Stage1Config, run_stage1
+
+    seen = {"message": [], "epoch": [], "progress": []}
+    hooks = TrainingHooks(message=seen["message"].append, on_epoch=seen["epoch"].append,
+                          progress=lambda *call: seen["progress"].append(call))
+    summary = run_stage1(Stage1Config(train_manifest=even_slices, output=tmp_path / "run", init_config="clip-tiny",
+                                      epochs=2, batch_size=8, seed=3), hooks)
+    assert capsys.readouterr().out == ""
+    assert seen["message"] == ["manifest rows: 16 train, 4 val, 0 test (not used), 0 bad (skipped)"]
+    assert [r["epoch"] for r in seen["epoch"]] == [0, 1] and seen["epoch"][0]["best"]
+    assert seen["progress"][:3] == [("epoch 1/2", 0, 2), ("epoch 1/2", 1, 2), ("epoch 1/2", 2, 2)]
+    assert ("validation", 1, 1) in seen["progress"]
+    assert summary["model"] == str(tmp_path / "run" / "model")
+
+
+def test_the_anatomy_stage_embeds_only_the_texts_it_trains_on(studies, tmp_path, monkeypatch):  # noqa: F811
+    """Per-anatomy texts go through the text tower; the full reports they come from do not."""
+    from RadCLIPCore.anatomy_stage import AnatomyStageConfig, run_anatomy_stage
+    from RadCLIPCore.model import RadCLIPModel
+    from RadCLIPCore.reports import anatomy_texts, read_lexicon
+
+    embedded, real = [], RadCLIPModel.embed_texts
+    monkeypatch.setattr(RadCLIPModel, "embed_texts", lambda self, texts: embedded.extend(texts) or real(self, texts))
+    run_anatomy_stage(AnatomyStageConfig(train_manifest=studies / "studies.csv", lexicon=studies / "lexicon.json",
+                                         init_config="clip-tiny", epochs=1, batch_size=3, min_patches=0.25,
+                                         cache_dir=tmp_path / "cache", output=tmp_path / "run"))
+    lexicon = read_lexicon(studies / "lexicon.json")
+    reports = [r["text"] for r in csv.DictReader(open(studies / "studies.csv"))]
+    assert sorted(embedded) == sorted({t for r in reports for t in anatomy_texts(r, lexicon)[0].values()})
+    assert "Liver lesion again seen. Right lower lobe nodule." in reports and \
+        "Liver lesion again seen. Right lower lobe nodule." not in embedded
 
 
 def test_gradient_accumulation_steps_the_optimizer_less_often(tmp_path):

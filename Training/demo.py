@@ -18,7 +18,6 @@ knowledge: its embeddings of "Chest CT" and "Head CT" start 0.92 apart in cosine
 starts from a sharper temperature, 0.02, and learns it), and "held out" means held-out augmented copies, not new
 patients.
 """
-import argparse
 import json
 import sys
 import time
@@ -27,17 +26,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from RadCLIPCore import load_model  # noqa: E402
-from RadCLIPCore.cli import guarded  # noqa: E402
-from RadCLIPCore.data import read_manifest  # noqa: E402
-from RadCLIPCore.pretrain import run_stage1, run_stage2, stage1_parser, stage2_parser  # noqa: E402
+from RadCLIPCore.commands.common import OneLineParser, guarded  # noqa: E402
+from RadCLIPCore.commands.train import console_hooks  # noqa: E402
+from RadCLIPCore.io import read_volume  # noqa: E402
+from RadCLIPCore.manifests import read_manifest  # noqa: E402
+from RadCLIPCore.plotting import plot_attention  # noqa: E402
+from RadCLIPCore.presets import DISTRACTORS  # noqa: E402
+from RadCLIPCore.stages import Stage1Config, Stage2Config, run_stage1, run_stage2  # noqa: E402
 from Training.demo_data import build  # noqa: E402
-
-DISTRACTORS = ["A puppy", "A cat", "A life vest"]
 
 
 def evaluate(model_dir, volumes_csv, labels):
     """Top-1 accuracy over the test volumes, with the adapter and with global average pooling."""
-    prompts = labels + DISTRACTORS
+    prompts = labels + list(DISTRACTORS)
     rows = read_manifest(volumes_csv).split("test")
     result = {}
     for pooling in ("mean", "adapter"):
@@ -52,7 +53,7 @@ def evaluate(model_dir, volumes_csv, labels):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", default="outputs/demo", help="where data, runs and plots go")
     ap.add_argument("--quick", action="store_true", help="fewer copies and epochs (a smoke run, about a minute)")
     ap.add_argument("--seed", type=int, default=0)
@@ -67,36 +68,32 @@ def main(argv=None) -> int:
         labels = sorted({s.text for s in sources})
         print(f"    sources: {', '.join(f'{s.name} ({s.text})' for s in sources)}")
         print("2/4 stage 1: fine-tuning the image encoder on 2D slices (text encoder frozen) ...", flush=True)
-        stage1 = stage1_parser().parse_args([
-            "--train-manifest", str(slices_csv), "--output", str(out / "stage1"), "--init-config", "clip-tiny",
-            "--epochs", str(epochs1), "--batch-size", "32", "--lr", "1e-3", "--warmup-steps", "20",
-            "--patience", "10", "--temperature", "0.02", "--learn-temperature", "--seed", str(args.seed)])
-        s1 = run_stage1(stage1)
+        with console_hooks(epochs1) as hooks:
+            s1 = run_stage1(Stage1Config(
+                train_manifest=slices_csv, output=out / "stage1", init_config="clip-tiny", epochs=epochs1,
+                batch_size=32, lr=1e-3, warmup_steps=20, patience=10, temperature=0.02, learn_temperature=True,
+                seed=args.seed), hooks)
         print("3/4 stage 2: training the slice-pooling adapter from the slice-embedding cache ...", flush=True)
-        stage2 = stage2_parser().parse_args([
-            "--train-manifest", str(volumes_csv), "--output", str(out / "stage2"), "--model", s1["model"],
-            "--epochs", str(epochs2), "--batch-size", "8", "--lr", "1e-3", "--adapter-heads", "4",
-            "--patience", "10", "--slice-subsample", "0.6", "--temperature", "0.02", "--learn-temperature",
-            "--seed", str(args.seed)])
-        s2 = run_stage2(stage2)
+        with console_hooks(epochs2) as hooks:
+            s2 = run_stage2(Stage2Config(
+                train_manifest=volumes_csv, output=out / "stage2", model=s1["model"], epochs=epochs2, batch_size=8,
+                lr=1e-3, adapter_heads=4, patience=10, slice_subsample=0.6, temperature=0.02,
+                learn_temperature=True, seed=args.seed), hooks)
         print("4/4 ranking prompts for the held-out volumes ...", flush=True)
         result = evaluate(s2["model"], volumes_csv, labels)
         n = len(result["adapter"][1])
-        print(f"\nheld-out volumes: {n}; prompts: {', '.join(labels + DISTRACTORS)}")
+        print(f"\nheld-out volumes: {n}; prompts: {', '.join(labels + list(DISTRACTORS))}")
         print(f"top-1 accuracy, global average pooling: {result['mean'][0]:.2f}")
         print(f"top-1 accuracy, slice-pooling adapter:  {result['adapter'][0]:.2f}")
         for name, truth, ranked in result["adapter"][1][:4]:
             print(f"  {name:<22} truth {truth:<10} -> " + ", ".join(f"{r.prompt} {r.probability:.2f}" for r in ranked[:3]))
         example = read_manifest(volumes_csv).split("test")[0].image
         model = load_model(s2["model"], device="cpu")
-        from RadCLIPCore.io import read_volume
-        from RadCLIPCore.plotting import plot_attention
-
         emb = model.embed_volume(example)
         plot_attention(emb, read_volume(example), out / "attention.png", title=f"{example.name}: slice attention")
         (out / "results.json").write_text(json.dumps({
             "accuracy_mean_pooling": result["mean"][0], "accuracy_adapter": result["adapter"][0],
-            "held_out_volumes": n, "labels": labels, "distractors": DISTRACTORS}, indent=2) + "\n")
+            "held_out_volumes": n, "labels": labels, "distractors": list(DISTRACTORS)}, indent=2) + "\n")
         print(f"\noutputs in {out}: stage1/model, stage2/model (load_model or --model), loss curves "
               f"stage1/loss_curves.png and stage2/loss_curves.png, attention.png, results.json "
               f"({time.perf_counter() - started:.0f} s). Research demo on a few subjects, not a clinical model.")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from RadCLIPCore.data import write_manifest
+from RadCLIPCore.manifests import write_manifest
 from RadCLIPCore.io import Volume, read_volume
 from RadCLIPCore.preprocessing import PLANES, prepare_volume
 

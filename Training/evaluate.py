@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: RadCLIPCore and Training
 
 from Training._entry import run  # noqa: E402
-from RadCLIPCore.evaluate import main  # noqa: E402
+from RadCLIPCore.commands.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
     run(main)

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: RadCLIPCore and Training
 
 from Training._entry import run  # noqa: E402
-from RadCLIPCore.anatomy_training import main_anatomy  # noqa: E402
+from RadCLIPCore.commands.train import main_anatomy  # noqa: E402
 
 if __name__ == "__main__":
     run(main_anatomy)

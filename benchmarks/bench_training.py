@@ -20,13 +20,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from RadCLIPCore import AdapterConfig, RadCLIPModel, SlicePoolingAdapter  # noqa: E402
-from RadCLIPCore.data import read_manifest  # noqa: E402
+from RadCLIPCore.datasets import VolumeTextDataset, collate_volumes  # noqa: E402
+from RadCLIPCore.embedding_cache import SliceEmbeddingCache  # noqa: E402
 from RadCLIPCore.encoders import bundled_tokenizer, new_clip_model  # noqa: E402
 from RadCLIPCore.io import read_volume  # noqa: E402
 from RadCLIPCore.losses import info_nce  # noqa: E402
-from RadCLIPCore.pretrain import (ImageTower, SliceEmbeddingCache, Temperature, VolumeTextDataset,  # noqa: E402
-                                  collate_volumes)
-from RadCLIPCore.training import DistContext, TrainConfig, Trainer  # noqa: E402
+from RadCLIPCore.manifests import read_manifest  # noqa: E402
+from RadCLIPCore.towers import ImageTower, Temperature  # noqa: E402
+from RadCLIPCore.trainer import DistContext, MetricsLog, TrainConfig, Trainer  # noqa: E402
 from Training.demo_data import build  # noqa: E402
 
 
@@ -78,7 +79,7 @@ def main():
         for start in range(0, len(samples), bs):
             batch = []
             for i in range(start, min(start + bs, len(samples))):
-                _, slices = model.slice_embeddings(read_volume(samples[i].image), "auto", args.max_slices)
+                slices = model.embed_slices(read_volume(samples[i].image), "auto", args.max_slices).embeddings
                 batch.append((slices.half(), i))
             adapter_step(batch)
 
@@ -103,9 +104,7 @@ def main():
         return info_nce(module(x), texts[y], module.temperature(), y)
 
     trainer = Trainer(tower, loss_fn, data, None, lambda b: (torch.stack([p for p, _ in b]), torch.tensor([i for _, i in b])),
-                      TrainConfig(batch_size=args.batch, epochs=1000), work / "s1", DistContext(), progress=False)
-    from RadCLIPCore.training import MetricsLog
-
+                      TrainConfig(batch_size=args.batch, epochs=1000), work / "s1", DistContext())
     log = MetricsLog(work / "s1", enabled=False)
 
     def ours():  # one epoch = 2 steps of `batch` samples through the real Trainer

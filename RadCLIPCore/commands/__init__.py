@@ -1,1 +1,38 @@
-"""The command layer: argument parsing, printing, progress bars and exit codes (no library module imports it)."""
+"""The command layer: turns arguments into configs and owns printing, progress bars and exit codes.
+No library module imports it (Testing/test_architecture.py checks that).
+
+    python -m RadCLIPCore rank|embed|evaluate|serve|pretrain-2d|pretrain-adapter|pretrain-anatomy ...
+"""
+from __future__ import annotations
+
+import sys
+
+from . import evaluate, inference, serve, train
+from .common import OneLineParser, guarded
+
+TRAINING = {"pretrain-2d": train.main_stage1, "pretrain-adapter": train.main_stage2,
+            "pretrain-anatomy": train.main_anatomy}
+
+
+def build_parser():
+    parser = OneLineParser(prog="python -m RadCLIPCore",
+                           description="Radiology vision-language models (RadCLIP) on the command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    inference.add_parsers(sub)
+    evaluate.add_arguments(sub.add_parser("evaluate", help="linear probe, image-text matching, zero-shot AUC, "
+                                                          "retrieval and the encoder x pooling ablation"))
+    worker = sub.add_parser("serve", help="worker process for the Slicer module: JSON lines on stdin/stdout",
+                            description="Persistent worker: reads JSON-line requests (rank, cancel, unload, ping, "
+                                        "shutdown) on stdin and writes JSON-line events on stdout; logs on stderr.")
+    worker.set_defaults(func=lambda args: serve.serve())
+    for name in TRAINING:  # parsed by the stage's own parser (same options as Training/pretrain_*.py)
+        sub.add_parser(name, add_help=False, help=f"{name.replace('-', ' ')} (see: {name} --help)")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in TRAINING:
+        return TRAINING[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    return guarded(lambda: args.func(args))

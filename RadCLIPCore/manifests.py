@@ -18,9 +18,11 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass, field
+from io import StringIO
 from pathlib import Path
 
 from .errors import RadCLIPError
+from .fileutil import atomic_write_text
 
 SPLITS = ("train", "val", "test")
 FIELDS = ("image", "text", "region", "modality", "condition", "split", "label", "slice", "plane", "mask")
@@ -214,16 +216,12 @@ def _sample(row: dict, root: Path, n: int):
 
 def write_manifest(path, rows: list[dict]):
     """Write rows (dicts) as CSV or JSONL, atomically; `image` paths relative to the manifest."""
-    from .fileutil import atomic_write_text
-
     path = Path(path)
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         return
-    import io
-
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
+    buf = StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)

@@ -1,4 +1,4 @@
-"""The training loop both RadCLIP stages share.
+"""The training loop every RadCLIP stage shares.
 
 One `Trainer` runs: AdamW with L2 weight decay, a per-step cosine schedule from the base learning
 rate (1e-4, optional linear warmup), optional gradient accumulation, validation loss after every
@@ -8,12 +8,13 @@ early-stopping state and RNG state are restored, and the data order of epoch e d
 (seed, e), so a run killed mid-epoch and resumed ends at the same weights as an uninterrupted one.
 Every checkpoint records what the run was trained from (`origin`: the starting weights'
 fingerprint, the manifests' contents, the settings that shape the weights; see
-`pretrain._origin`), and a resume refuses, in one line that names the difference, to continue
+`stages.training_origin`), and a resume refuses, in one line that names the difference, to continue
 from a checkpoint of other weights, data or settings, or from a damaged one.
 
 Distributed: launched by torchrun, it uses torch.distributed (NCCL on GPUs, gloo on CPU), a
 DistributedSampler, DDP for the trainable module, and losses that gather features over ranks
-(`losses.info_nce`). Logs, progress bars and checkpoints are written by rank 0 only.
+(`losses.info_nce`). Logs and checkpoints are written, and `TrainingHooks` called, by rank 0 only.
+Nothing here prints: epochs and batch progress reach the caller through `TrainingHooks`.
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .encoders import resolve_device
 from .errors import RadCLIPError
 from .fileutil import atomic_path, atomic_write_text
+from .plotting import plot_loss_curves
 
 CHECKPOINT_VERSION = 2  # 2: checkpoints record their origin
 
@@ -58,6 +61,21 @@ class TrainConfig:
                 raise RadCLIPError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise RadCLIPError(f"learning rate must be positive, got {self.lr}")
+
+
+def _ignore(*_):
+    pass
+
+
+@dataclass
+class TrainingHooks:
+    """What a run tells its caller while it runs, on rank 0 only; each hook is optional. The
+    library never prints: the command layer turns these into lines and progress bars, and a
+    notebook may pass its own hooks or none."""
+
+    message: Callable[[str], None] = _ignore  # a one-line fact for the user ("manifest rows: ...")
+    on_epoch: Callable[[dict], None] = _ignore  # each epoch's record, as written to epochs.jsonl
+    progress: Callable[[str, int, int], None] = _ignore  # (what, batches done, batches in all)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -91,10 +109,13 @@ class DistContext:
         return float(t.item()) / self.world
 
 
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself, out of its DistributedDataParallel wrapper when it has one."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
 def setup_distributed(device="auto") -> DistContext:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), or run alone."""
-    from .encoders import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext(device=resolve_device(device))
@@ -202,8 +223,6 @@ class MetricsLog:
         """PNG of the training (per step, smoothed) and validation (per epoch) loss curves."""
         if not self.enabled:
             return None
-        from .plotting import plot_loss_curves
-
         try:
             return plot_loss_curves(self.read("steps"), self.read("epochs"), path, title)
         except RadCLIPError:  # matplotlib is optional
@@ -263,11 +282,12 @@ class Trainer:
     `train_set`/`val_set` are map-style datasets; `collate` builds a batch. The same loss runs on
     validation batches (in eval mode, no grad); without validation rows early stopping and the best
     epoch follow the training loss. `out_dir` receives checkpoints and logs. `origin` (JSON-like) says
-    what the run was trained from; it is recorded in checkpoints and must match on resume.
+    what the run was trained from; it is recorded in checkpoints and must match on resume. `hooks`
+    hear of each epoch and batch (rank 0 only).
     """
 
     def __init__(self, module: torch.nn.Module, compute_loss: Callable, train_set: Dataset, val_set: Dataset | None,
-                 collate: Callable, config: TrainConfig, out_dir, ctx: DistContext, progress: bool = True,
+                 collate: Callable, config: TrainConfig, out_dir, ctx: DistContext, hooks: TrainingHooks | None = None,
                  describe: dict | None = None, origin: dict | None = None):
         config.check()
         if config.batch_size % ctx.world:
@@ -277,7 +297,7 @@ class Trainer:
         self.module, self.compute_loss, self.config, self.ctx = module, compute_loss, config, ctx
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.progress = progress and ctx.main
+        self.hooks = hooks if hooks is not None and ctx.main else TrainingHooks()
         self.describe = describe or {}
         self.origin = origin or {}
         self.trainable = [p for p in module.parameters() if p.requires_grad]
@@ -433,11 +453,11 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def _batches(self, loader, desc):
-        if not self.progress:
-            return loader
-        from tqdm.auto import tqdm
-
-        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+        total = len(loader)
+        self.hooks.progress(desc, 0, total)
+        for done, batch in enumerate(loader, 1):
+            yield batch
+            self.hooks.progress(desc, done, total)
 
     def _run_loss(self, batch):
         return self.compute_loss(self.wrapped, batch)
@@ -453,7 +473,7 @@ class Trainer:
             count += 1
         # every rank computed the global-batch loss; agree on the mean anyway (uneven tails). A last
         # batch of one pair has loss 0 every epoch: it scales the mean by a constant factor and does
-        # not change which epoch is best (a validation set of one text is refused in pretrain)
+        # not change which epoch is best (a validation set of one text is refused in `stages`)
         value = self.ctx.all_agree(total / max(count, 1))
         if not math.isfinite(value):
             raise RadCLIPError(f"the validation loss is {value} at epoch {self.epoch + 1}: the model diverged; "
@@ -508,13 +528,11 @@ class Trainer:
                 train_loss = self.train_epoch(log)
                 val_loss = self.validate()
                 improved = self.early.update(val_loss if val_loss is not None else train_loss, self.epoch)
-                log.write("epochs", {"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss,
-                                     "lr": float(self.scheduler.get_last_lr()[0]),
-                                     "seconds": time.perf_counter() - started, "best": improved})
-                if self.progress:
-                    print(f"epoch {self.epoch + 1}/{self.config.epochs}: train {train_loss:.4f}"
-                          + (f", val {val_loss:.4f}" if val_loss is not None else "")
-                          + (" (best)" if improved else ""), flush=True)
+                record = {"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss,
+                          "lr": float(self.scheduler.get_last_lr()[0]), "seconds": time.perf_counter() - started,
+                          "best": improved}
+                log.write("epochs", record)
+                self.hooks.on_epoch(record)
                 self.save_checkpoint("last.pt")
                 if improved:
                     self.save_checkpoint("best.pt")

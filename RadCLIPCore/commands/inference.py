@@ -1,39 +1,31 @@
-"""Command line: `python -m RadCLIPCore {rank,embed} ...`.
-
-Every user error is one line on stderr (`error: ...`) and exit status 2; warnings are one line
-(`warning: ...`). Set RADCLIP_DEBUG=1 to see tracebacks of unexpected errors.
-"""
+"""`rank` and `embed`: one volume or 2D image in, ranked prompts or an embedding file out."""
 from __future__ import annotations
 
-import argparse
-import io as _io
+import io
 import json
-import logging
-import os
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .commands.serve import serve as serve_main
-from .commands.common import OneLineParser, guarded, positive_int, progress_bar
-from .errors import RadCLIPError
-from .fileutil import atomic_path, atomic_write_text, check_output_file
-from .io import IMAGE_SUFFIXES, _looks_like_dicom, check_readable, read_volume
-from .preprocessing import PLANES, check_volume_shape
+from ..errors import RadCLIPError
+from ..fileutil import atomic_path, atomic_write_text, check_output_file
+from ..io import check_readable, is_2d_image, read_volume
+from ..loading import load_model
+from ..plotting import plot_attention
+from ..preprocessing import PLANES, check_volume_shape
+from ..presets import DEFAULT_MODEL
+from .common import positive_int, progress_bar
 
 
-
-def _model_options(p):
+def add_model_options(p):
     p.add_argument("--model", default=None, metavar="SRC",
                    help="model folder, .pth file, Hugging Face id or preset (clip, radclip); "
-                        "default openai/clip-vit-large-patch14")
+                        f"default {DEFAULT_MODEL}")
     p.add_argument("--config", default=None, metavar="CFG",
                    help="CLIP architecture for a .pth state_dict: config.json path or bundled name "
                         "(default clip-vit-large-patch14)")
     p.add_argument("--offline", action="store_true", help="never download; use the Hugging Face cache only")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--pooling", default=None, choices=["mean", "adapter"],
@@ -45,38 +37,28 @@ def _model_options(p):
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="N", help="slices per encoder batch")
 
 
-def build_parser():
-    parser = OneLineParser(prog="python -m RadCLIPCore",
-                                     description="Radiology vision-language models (RadCLIP) on the command line.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_parsers(sub):
     rank = sub.add_parser("rank", help="rank text prompts for a volume or 2D image",
                           description="Rank text prompts for a volume (NRRD, NIfTI, MHA, DICOM folder) or a 2D image "
                                       "(PNG, JPEG, single DICOM file).")
     rank.add_argument("image", metavar="VOLUME", help="volume file, DICOM folder or 2D image")
     rank.add_argument("--prompt", action="append", default=[], metavar="P", help="a prompt (repeatable)")
     rank.add_argument("--prompts-file", metavar="F", help="UTF-8 text file, one prompt per line (# comments)")
-    _model_options(rank)
+    add_model_options(rank)
     rank.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    rank.add_argument("--plot", metavar="PNG", help="write a PNG of weight per slice with the most attended slices")
-    rank.set_defaults(func=_cmd_rank)
+    rank.add_argument("--plot", metavar="PNG",
+                      help="write a PNG of the adapter's attention and the top prompts' relevance per slice")
+    rank.set_defaults(func=rank_command)
 
     embed = sub.add_parser("embed", help="write the embedding (and slice weights) to a file",
                            description="Embed a volume or 2D image and write the result to .npz or .json.")
     embed.add_argument("image", metavar="VOLUME", help="volume file, DICOM folder or 2D image")
     embed.add_argument("-o", "--output", required=True, metavar="OUT", help="output file: .npz or .json")
-    _model_options(embed)
-    embed.set_defaults(func=_cmd_embed)
-    serve = sub.add_parser("serve", help="worker process for the Slicer module: JSON lines on stdin/stdout",
-                           description="Persistent worker: reads JSON-line requests (rank, cancel, unload, ping, "
-                                       "shutdown) on stdin and writes JSON-line events on stdout; logs on stderr.")
-    serve.set_defaults(func=lambda args: serve_main())
-    sub.add_parser("evaluate", add_help=False, help="linear probe, image-text matching, zero-shot AUC, retrieval "
-                   "and the encoder x pooling ablation (see: evaluate --help)")
-    return parser
+    add_model_options(embed)
+    embed.set_defaults(func=embed_command)
 
 
-def _read_prompts(args) -> list[str]:
+def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
         path = Path(args.prompts_file)
@@ -86,46 +68,35 @@ def _read_prompts(args) -> list[str]:
             raise RadCLIPError(f"prompts file not found: {path}") from None
         except IsADirectoryError:
             raise RadCLIPError(f"prompts file '{path}' is a folder; give a text file, one prompt per line") from None
-        except OSError as exc:
-            raise RadCLIPError(f"cannot read prompts file '{path}': {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:
             raise RadCLIPError(f"prompts file '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise RadCLIPError(f"cannot read prompts file '{path}': {exc.strerror or exc}") from None
         prompts += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise RadCLIPError("no prompts given: use --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
 
 
-def _is_2d_file(path: Path) -> bool:
-    return path.is_file() and (path.name.lower().endswith(IMAGE_SUFFIXES + (".dcm", ".dicom"))
-                               or _looks_like_dicom(path))
-
-
-def _load(args):
-    from .loading import DEFAULT_MODEL, load_model
-
-    return load_model(args.model or DEFAULT_MODEL, device=args.device, precision=args.precision,
-                      offline=True if args.offline else None, config=args.config, pooling=args.pooling,
-                      batch_size=args.batch_size)
-
-
 def _embed(args):
     """Read the input, load the model, embed. Returns (model, volume, VolumeEmbedding or None, vector)."""
     path = check_readable(args.image)
     volume = read_volume(path)  # read and check before loading the model: bad files fail fast
-    is_image = _is_2d_file(path) and volume.array.shape[0] == 1
-    if not is_image:
+    image = is_2d_image(path, volume)
+    if not image:
         check_volume_shape(volume)
-    model = _load(args)
-    if is_image:
+    model = load_model(args.model or DEFAULT_MODEL, device=args.device, precision=args.precision,
+                       offline=True if args.offline else None, config=args.config, pooling=args.pooling,
+                       batch_size=args.batch_size)
+    if image:
         return model, volume, None, model.embed_image(volume)
     with progress_bar("embedding slices", "slice") as progress:
         emb = model.embed_volume(volume, plane=args.plane, max_slices=args.max_slices, progress=progress)
     return model, volume, emb, emb.embedding
 
 
-def _cmd_rank(args) -> int:
-    prompts = _read_prompts(args)
+def rank_command(args) -> int:
+    prompts = read_prompts(args)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise RadCLIPError(f"--plot needs a .png file name, got '{args.plot}'")
     if args.plot:
@@ -135,13 +106,11 @@ def _cmd_rank(args) -> int:
     ranked = record["prompts"]
     if args.plot:
         if emb is None:
-            raise RadCLIPError("--plot shows slice weights; the input is a 2D image")
-        from .plotting import plot_attention
-
-        plot_attention(emb, volume, args.plot, title=f"{Path(args.image).name}: slice attention ({emb.pooling})",
-                       relevance={p["text"]: np.asarray(p["relevance"]) for p in record["prompts"][:3]})
+            raise RadCLIPError("--plot shows weights per slice; the input is a 2D image")
+        plot_attention(emb, volume, args.plot, title=f"{Path(args.image).name}: where along the volume",
+                       relevance={p["text"]: np.asarray(p["relevance"]) for p in ranked[:3]})
     if args.json:
-        print(json.dumps(record, allow_nan=False))  # rank() refuses NaN; strict JSON all the same
+        print(json.dumps(record, allow_nan=False))  # the model refuses NaN; strict JSON all the same
         return 0
     where = (f"{emb.plane} plane, {len(emb.slice_weights)} slices along input axis {emb.slice_axis} "
              f"({len(emb.sampled_slices)} embedded), {emb.pooling} pooling, most attended slice {emb.most_attended_slice}"
@@ -155,7 +124,7 @@ def _cmd_rank(args) -> int:
     return 0
 
 
-def _cmd_embed(args) -> int:
+def embed_command(args) -> int:
     out = Path(args.output)
     suffix = out.suffix.lower()
     if suffix not in (".npz", ".json"):
@@ -170,19 +139,9 @@ def _cmd_embed(args) -> int:
         atomic_write_text(out, json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v
                                            for k, v in record.items()}, allow_nan=False) + "\n")
     else:
-        buf = _io.BytesIO()
+        buf = io.BytesIO()
         np.savez(buf, **{k: np.asarray(v) for k, v in record.items()})
         with atomic_path(out) as tmp:
             tmp.write_bytes(buf.getvalue())
     print(f"wrote {out}")
     return 0
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["evaluate"]:
-        from .evaluate import main as evaluate_main
-
-        return evaluate_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return guarded(lambda: args.func(args))

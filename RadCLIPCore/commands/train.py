@@ -1,0 +1,181 @@
+"""The training commands: stage 1 (`Training/pretrain_2d.py`), stage 2 (`Training/pretrain_adapter.py`)
+and the anatomy stage (`Training/pretrain_anatomy.py`), under python, torchrun or Slicer.
+
+Arguments become a stage config (`stages.Stage1Config`, `stages.Stage2Config`,
+`anatomy_stage.AnatomyStageConfig`; the option names are the field names); this layer prints
+what the run reports, the epoch lines and the batch progress bars, and the final `model: ...` line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from contextlib import ExitStack, contextmanager
+from dataclasses import fields
+
+from ..anatomy_stage import AnatomyStageConfig, run_anatomy_stage
+from ..preprocessing import PLANES
+from ..presets import DEFAULT_MODEL
+from ..stages import LOSSES, Stage1Config, Stage2Config, run_stage1, run_stage2
+from ..trainer import TrainingHooks
+from .common import OneLineParser, guarded, progress_bar
+
+STAGE1 = "RadCLIP stage 1: fine-tune CLIP's image encoder on 2D image-text pairs, text encoder frozen."
+STAGE2 = "RadCLIP stage 2: train the slice-pooling adapter on 3D volume-text pairs, both encoders frozen."
+ANATOMY = ("fVLM anatomy-level training: per-anatomy projection head on mask-pooled embeddings vs report "
+           "sentences, encoders frozen.")
+
+
+# --------------------------------------------------------------------------- output
+class _PassBars:
+    """The Trainer's `progress(desc, done, total)`: one bar per pass over the batches (an epoch, a
+    validation), gone when the pass ends."""
+
+    def __init__(self):
+        self.desc, self.update, self.stack = None, None, ExitStack()
+
+    def __call__(self, desc, done, total):
+        if desc != self.desc:
+            self.close()
+            self.desc, self.update = desc, self.stack.enter_context(progress_bar(desc, "batch"))
+        self.update(done, total)
+        if done >= total:
+            self.close()
+
+    def close(self):
+        self.stack.close()
+        self.desc = None
+
+
+def _say(line: str):
+    print(line, flush=True)
+
+
+@contextmanager
+def console_hooks(epochs: int, progress: bool = True):
+    """TrainingHooks that print the run's messages (where the manifest rows went, cache use) and,
+    with `progress`, a line per epoch and a progress bar per pass over the batches (on stderr,
+    hidden when it is not a terminal)."""
+    hooks, bars = TrainingHooks(message=_say), _PassBars()
+
+    def epoch_line(record):
+        _say(f"epoch {record['epoch'] + 1}/{epochs}: train {record['train_loss']:.4f}"
+             + (f", val {record['val_loss']:.4f}" if record["val_loss"] is not None else "")
+             + (" (best)" if record["best"] else ""))
+
+    if progress:
+        hooks.on_epoch, hooks.progress = epoch_line, bars
+    try:
+        yield hooks
+    finally:
+        bars.close()
+
+
+def _train(run, config_class, args) -> int:
+    config = config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
+    with console_hooks(config.epochs, not args.no_progress) as hooks:
+        summary = run(config, hooks)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"model: {summary['model']}  (best epoch {summary['best_epoch'] + 1}, {summary['monitor']} "
+              f"{summary['best_loss']:.4f}{', stopped early' if summary['stopped_early'] else ''})")
+    return 0
+
+
+# --------------------------------------------------------------------------- arguments
+def _stage_arguments(p: argparse.ArgumentParser, normal_pattern: bool = True):
+    """The options every stage takes (`stages.StageConfig`)."""
+    p.add_argument("--train-manifest", required=True, metavar="CSV|JSONL", help="image,text[,split,label] rows")
+    p.add_argument("--val-manifest", metavar="CSV|JSONL",
+                   help="validation rows (default: the 'split' column, else a seeded 10%% of the training rows)")
+    p.add_argument("--output", required=True, metavar="DIR", help="checkpoints, logs and the final model/ folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=DEFAULT_MODEL, metavar="SRC",
+                     help=f"starting model (folder, .pth, hub id); default {DEFAULT_MODEL}")
+    src.add_argument("--init-config", metavar="NAME", help="start from a randomly initialised bundled CLIP config "
+                     "(clip-tiny, clip-vit-base-patch16, clip-vit-large-patch14)")
+    p.add_argument("--config", dest="model_config", metavar="CONFIG",
+                   help="architecture of a .pth --model (bundled name or config.json)")
+    p.add_argument("--offline", action="store_true", help="never download")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch over all processes")
+    p.add_argument("--lr", type=float, default=1e-4, help="start of the cosine annealing")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW (L2) weight decay")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--patience", type=int, default=5, help="early stopping: epochs without validation improvement")
+    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation (negatives per micro-batch)")
+    p.add_argument("--loss", choices=LOSSES, default="calibrated",
+                   help="calibrated (default): pairs with the same text, or both matching --normal-pattern, are "
+                        "positives; infonce: plain symmetric InfoNCE")
+    # the anatomy stage groups normal texts by its normal template: the option is accepted there
+    # (as it always was) and not used
+    p.add_argument("--normal-pattern", metavar="REGEX",
+                   help="texts matching this (case-insensitive) form one positive group, e.g. 'no acute|normal'"
+                   if normal_pattern else argparse.SUPPRESS)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--learn-temperature", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no epoch lines or progress bars")
+
+
+def stage1_parser() -> argparse.ArgumentParser:
+    """Stage 1's options; `args.func(args)` runs it."""
+    p = OneLineParser(prog="pretrain_2d.py", description=STAGE1)
+    _stage_arguments(p)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--vision-dropout", type=float, default=0.0,
+                   help="attention dropout in the vision tower (default 0: CLIP was pretrained without it)")
+    p.set_defaults(func=lambda args: _train(run_stage1, Stage1Config, args))
+    return p
+
+
+def stage2_parser() -> argparse.ArgumentParser:
+    """Stage 2's options; `args.func(args)` runs it."""
+    p = OneLineParser(prog="pretrain_adapter.py", description=STAGE2)
+    _stage_arguments(p)
+    p.add_argument("--plane", default="auto", choices=("auto",) + PLANES)
+    p.add_argument("--max-slices", type=int, default=None, help="evenly spaced slices per volume in the cache")
+    p.add_argument("--cache-dir", help="slice-embedding cache (default <output>/embedding_cache)")
+    p.add_argument("--adapter-heads", type=int, default=8)
+    p.add_argument("--pos-anchors", type=int, default=32)
+    p.add_argument("--adapter-dropout", type=float, default=0.5)
+    p.add_argument("--slice-subsample", type=float, default=1.0,
+                   help="augmentation: keep a random fraction in [this, 1] of each volume's slices (1 = off)")
+    p.set_defaults(func=lambda args: _train(run_stage2, Stage2Config, args))
+    return p
+
+
+def anatomy_parser() -> argparse.ArgumentParser:
+    """The anatomy stage's options; `args.func(args)` runs it."""
+    p = OneLineParser(prog="pretrain_anatomy.py", description=ANATOMY)
+    _stage_arguments(p, normal_pattern=False)
+    p.add_argument("--lexicon", required=True, metavar="JSON",
+                   help='label value -> names and synonyms, e.g. {"5": ["liver", "hepatic"]}')
+    p.add_argument("--label-names", metavar="CSV", help="label names (id,structure columns) for the normal template")
+    p.add_argument("--plane", default="auto")
+    p.add_argument("--max-slices", type=int, default=None)
+    p.add_argument("--min-patches", type=float, default=1.0,
+                   help="an anatomy counts on a slice when it covers at least this many patches")
+    p.add_argument("--cache-dir", help="anatomy feature cache (default <output>/embedding_cache)")
+    p.set_defaults(func=lambda args: _train(run_anatomy_stage, AnatomyStageConfig, args))
+    return p
+
+
+def _main(parser: argparse.ArgumentParser, argv) -> int:
+    args = parser.parse_args(argv)
+    return guarded(lambda: args.func(args))
+
+
+def main_stage1(argv=None) -> int:
+    return _main(stage1_parser(), argv)
+
+
+def main_stage2(argv=None) -> int:
+    return _main(stage2_parser(), argv)
+
+
+def main_anatomy(argv=None) -> int:
+    return _main(anatomy_parser(), argv)

@@ -1,0 +1,418 @@
+"""RadCLIP pretraining, callable from Python: stage 1 (2D image encoder) and stage 2 (slice-pooling
+adapter), and what every training stage shares: its settings, its set-up, the accounting of the
+manifest rows, the record of what a run was trained from, the model card and the export.
+
+Stage 1: the CLIP text tower is frozen (each distinct text is embedded once and reused); the
+vision tower and its projection are fine-tuned with symmetric InfoNCE on 2D image-text pairs.
+Stage 2: both encoders are frozen; slice embeddings are computed once into an on-disk cache
+(float16, keyed by file content + image-encoder weights + preprocessing) and the adapter trains
+from the cache, so an epoch costs the adapter, not the ViT.
+Both write a RadCLIP model folder (`<output>/model`) that `load_model` and the CLI use directly:
+
+    summary = run_stage1(Stage1Config(train_manifest="slices.csv", output="runs/stage1"))
+    run_stage2(Stage2Config(train_manifest="volumes.csv", model=summary["model"], output="runs/stage2"))
+
+The commands (`Training/pretrain_2d.py`, `Training/pretrain_adapter.py`) are `commands/train.py`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import AdapterConfig, SlicePoolingAdapter
+from .datasets import (ImageTextDataset, Split, VolumeTextDataset, collate_images, collate_volumes, positive_groups,
+                       split_samples)
+from .embedding_cache import SliceEmbeddingCache, weights_fingerprint
+from .encoders import bundled_tokenizer, new_clip_model
+from .errors import RadCLIPError
+from .loading import load_model, save_model
+from .losses import info_nce
+from .manifests import Manifest, Sample, read_manifest
+from .model import RadCLIPModel
+from .presets import DEFAULT_MODEL
+from .towers import AdapterTower, ImageTower, Temperature
+from .trainer import DistContext, TrainConfig, Trainer, TrainingHooks, setup_distributed, teardown_distributed, unwrap
+
+LOSSES = ("calibrated", "infonce")
+log = logging.getLogger("RadCLIPCore")
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(kw_only=True)
+class StageConfig:
+    """What every training stage takes. The defaults are the commands' (see their --help); the
+    field names are the options' (`batch_size` is --batch-size), except `model_config` (--config)."""
+
+    train_manifest: str | Path  # CSV or JSONL of image,text[,split,label] rows
+    output: str | Path  # checkpoints, logs and the final model/ folder
+    val_manifest: str | Path | None = None  # default: the 'split' column, else a seeded 10% of the rows
+    model: str | Path = DEFAULT_MODEL  # starting model (folder, .pth, hub id)
+    init_config: str | None = None  # instead: a randomly initialised bundled CLIP config (seeded by `seed`)
+    model_config: str | None = None  # architecture of a .pth `model` (bundled name or config.json)
+    offline: bool = False  # never download
+    epochs: int = 20
+    batch_size: int = 32  # global, over all processes
+    lr: float = 1e-4  # start of the cosine annealing
+    weight_decay: float = 0.05  # AdamW (L2)
+    warmup_steps: int = 0
+    patience: int = 5  # early stopping: epochs without improvement
+    accum_steps: int = 1  # gradient accumulation (negatives per micro-batch)
+    loss: str = "calibrated"  # one of LOSSES
+    temperature: float = 0.07
+    learn_temperature: bool = False
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 0
+    workers: int = 0  # data-loader worker processes
+    resume: bool = False  # continue from <output>/checkpoints/last.pt
+
+    def train_config(self) -> TrainConfig:
+        """The Trainer's settings; RadCLIPError for settings no contrastive run can train with."""
+        if self.batch_size < 2:  # a batch of one has no other pair to contrast with: its loss is 0
+            raise RadCLIPError(f"--batch-size must be at least 2 for a contrastive loss, got {self.batch_size}")
+        if self.loss not in LOSSES:
+            raise RadCLIPError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           warmup_steps=self.warmup_steps, patience=self.patience, accum_steps=self.accum_steps,
+                           seed=self.seed, num_workers=self.workers)
+
+
+@dataclass(kw_only=True)
+class PairStageConfig(StageConfig):
+    """The stages that contrast image-text pairs (1 and 2)."""
+
+    # texts matching this regular expression (case-insensitive) form one positive group with the
+    # calibrated loss, e.g. 'no acute|normal'
+    normal_pattern: str | None = None
+
+
+@dataclass(kw_only=True)
+class Stage1Config(PairStageConfig):
+    grad_checkpointing: bool = False
+    vision_dropout: float = 0.0  # attention dropout in the vision tower (CLIP was pretrained without it)
+
+
+@dataclass(kw_only=True)
+class Stage2Config(PairStageConfig):
+    plane: str = "auto"
+    max_slices: int | None = None  # evenly spaced slices per volume in the cache
+    cache_dir: str | Path | None = None  # slice-embedding cache (default <output>/embedding_cache)
+    adapter_heads: int = 8
+    pos_anchors: int = 32
+    adapter_dropout: float = 0.5
+    slice_subsample: float = 1.0  # augmentation: keep a random fraction in [this, 1] of each volume's slices
+
+
+# --------------------------------------------------------------------------- shared set-up
+@dataclass
+class StageSetup:
+    """What every stage starts from: the manifests, the base model (frozen) and its weights
+    fingerprint, the train/val samples and the rows set aside."""
+
+    manifest: Manifest
+    val_manifest: Manifest | None
+    model: RadCLIPModel
+    split: Split
+    fingerprint: str
+    rejected: set = field(default_factory=set)  # ids of the samples rejected after reading
+
+    def __post_init__(self):
+        self._from_val = {id(s) for s in self.val_manifest.samples} if self.val_manifest else set()
+
+    @property
+    def train(self) -> list:
+        return self.split.train
+
+    @property
+    def val(self) -> list:
+        return self.split.val
+
+    def reject(self, sample: Sample, reason: str):
+        """A row that fails later (an unreadable image) becomes a bad row of the manifest it came from."""
+        (self.val_manifest if id(sample) in self._from_val else self.manifest).reject(sample, reason)
+        self.rejected.add(id(sample))
+
+    def check_contrast(self, ctx, n_train: int, train_ok: bool, val_ok: bool | None, train_problem: str,
+                       val_problem: str) -> bool:
+        """Refuse a training set with nothing to contrast; False when the validation loss cannot compare
+        epochs (`val_ok` None: no validation rows).
+
+        A contrastive loss compares each pair with the other texts of its batch. Training rows with
+        one distinct text (or positive group) leave nothing to learn: refused. Validation rows with
+        one give the same validation loss every epoch (log of the batch size, 0 for a single row),
+        so early stopping would keep epoch 1 and export an untrained model. That case warns and
+        falls back to the training loss, as a run without validation rows does: the training itself
+        is sound, and a refusal would force a new split on small data sets where no useful
+        validation exists.
+        """
+        if not n_train:
+            reports = [m.report() for m in (self.manifest, self.val_manifest) if m is not None and m.report()]
+            raise RadCLIPError("no usable training rows" + (f" ({'; '.join(reports)})" if reports else ""))
+        if not train_ok:
+            raise RadCLIPError(f"nothing to contrast: {train_problem}")
+        if val_ok is False and ctx.main:
+            log.warning(f"{val_problem}, so the contrastive validation loss is the same every epoch and cannot pick "
+                        f"the best one; early stopping and the exported epoch follow the training loss instead. Give "
+                        f"the validation rows at least two different texts (the 'split' column or --val-manifest)")
+        return val_ok is not False
+
+    def account(self, ctx, validates: bool = True) -> tuple[dict, str]:
+        """Warn about the bad rows; return where every manifest row went: the counts (for
+        summary.json) and one line for the user."""
+        manifests = [m for m in (self.manifest, self.val_manifest) if m is not None]
+        for m in manifests:
+            if m.report() and ctx.main:
+                log.warning(m.report())
+        used = {k: [s for s in rows if id(s) not in self.rejected] for k, rows in (("train", self.train),
+                                                                                     ("val", self.val))}
+        counts = {"train": len(used["train"]), "val": len(used["val"]), **self.split.unused,
+                  "bad": sum(len(m.bad) for m in manifests)}
+        blank = sum(s.split is None for s in used["train"])
+        train_note = f" ({blank} without a split)" if blank and not self.split.seeded_val and (
+            self.val_manifest is not None or any(s.split for s in self.manifest.samples)) else ""
+        val_note = (" (no validation: early stopping watches the training loss)" if not used["val"] else
+                    " (not used for early stopping: see the warning)" if not validates else
+                    " (a seeded 10% of the rows without a split)" if self.split.seeded_val else "")
+        parts = [f"{counts['train']} train{train_note}", f"{counts['val']} val{val_note}",
+                 f"{counts['test']} test (not used)"]
+        if "val_in_train_manifest" in counts:
+            parts.append(f"{counts['val_in_train_manifest']} val in the training manifest (not used: "
+                         f"--val-manifest given)")
+        parts.append(f"{counts['bad']} bad (skipped)")
+        return dict(counts, without_split=blank, total=sum(m.rows for m in manifests)), \
+            "manifest rows: " + ", ".join(parts)
+
+
+def load_base_model(config: StageConfig, ctx: DistContext) -> RadCLIPModel:
+    """The starting model in float32 on the run's device: `init_config` (random, seeded) when given, else `model`."""
+    if config.init_config:
+        tok = bundled_tokenizer()
+        return RadCLIPModel(new_clip_model(config.init_config, tok, seed=config.seed), tok, device=ctx.device,
+                            precision="fp32", source=f"random {config.init_config} (seed {config.seed})")
+    return load_model(config.model, device=ctx.device, precision="fp32", offline=True if config.offline else None,
+                      config=config.model_config, pooling="mean")
+
+
+def prepare_stage(config: StageConfig, ctx: DistContext) -> StageSetup:
+    """Check the settings (before any work), seed, read the manifests, load and freeze the base
+    model, split the rows."""
+    config.train_config().check()
+    torch.manual_seed(config.seed)
+    train_m = read_manifest(config.train_manifest)
+    val_m = read_manifest(config.val_manifest) if config.val_manifest else None
+    model = load_base_model(config, ctx)
+    model.clip.requires_grad_(False)
+    split = split_samples(train_m, val_m, config.seed)
+    return StageSetup(train_m, val_m, model, split, weights_fingerprint(model.clip))
+
+
+@dataclass
+class PairTexts:
+    """Each distinct text of the training and validation pairs, embedded once by the frozen text
+    tower, with its positive group (`datasets.positive_groups`)."""
+
+    index: dict  # {text: id}
+    embeddings: torch.Tensor  # (texts, dim) on the run's device
+    groups: torch.Tensor  # (texts,) group id per text id, on the run's device
+
+
+def embed_pair_texts(setup: StageSetup, normal_pattern: str | None, ctx: DistContext) -> PairTexts:
+    unique = sorted({s.text for s in setup.train + setup.val})
+    index = {t: i for i, t in enumerate(unique)}
+    groups = positive_groups(index, normal_pattern)
+    embeddings = torch.from_numpy(setup.model.embed_texts(unique))
+    return PairTexts(index, embeddings.to(ctx.device), groups.to(ctx.device))
+
+
+def check_pair_contrast(setup: StageSetup, ctx, items: dict, texts: PairTexts, config: PairStageConfig) -> bool:
+    """`StageSetup.check_contrast` for items {"train"|"val": [(..., text id)]}: distinct positive
+    groups (calibrated loss) or distinct texts (plain InfoNCE) per split."""
+    names = {i: t for t, i in texts.index.items()}
+    group = texts.groups.tolist() if config.loss == "calibrated" else list(range(len(names)))
+    kinds = {split: {group[x[-1]]: names[x[-1]] for x in rows} for split, rows in items.items()}
+    grouped = " (or one that --normal-pattern groups with it)" if config.normal_pattern else ""
+
+    def problem(split, rows):
+        return f"every {rows} row has the text '{next(iter(kinds[split].values()), '')}'{grouped}"
+
+    return setup.check_contrast(ctx, len(items["train"]), len(kinds["train"]) > 1,
+                                len(kinds["val"]) > 1 if items["val"] else None,
+                                problem("train", "training") + "; contrastive training needs at least two "
+                                "different texts among the training rows", problem("val", "validation"))
+
+
+def _file_fingerprint(path) -> str:
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+
+
+def training_origin(config: StageConfig, setup: StageSetup, stage: str, flags=(), files=()) -> dict:
+    """What a run's weights depend on besides its TrainConfig: recorded in every checkpoint and
+    compared on --resume (`trainer.Trainer`), so a resume cannot continue from other weights, data
+    or settings. Keys are what the user can change: options (`flags`: config field names), files
+    (by content) and the starting model (by weights fingerprint)."""
+    origin = {"stage": stage}
+    for name in ("loss", "normal_pattern", "temperature", "learn_temperature", *flags):
+        # the anatomy stage has no normal pattern (its normal template groups the normal texts): not set
+        origin["--" + name.replace("_", "-")] = getattr(config, name, None)
+    for name in ("train_manifest", "val_manifest", *files):
+        path = getattr(config, name)
+        origin[f"--{name.replace('_', '-')} contents"] = _file_fingerprint(path) if path else None
+    origin["weights"] = setup.fingerprint
+    origin["preprocessing"] = setup.model.preprocess.to_dict()
+    return origin
+
+
+def model_card(tool: str, config: StageConfig, summary: dict, n_train: int, n_val: int, extra: str = "") -> str:
+    """The model card's account of how the model was trained."""
+    pattern = getattr(config, "normal_pattern", None)
+    loss = ("false-negative-aware" + (f", normal texts /{pattern}/ grouped" if pattern else "")
+            if config.loss == "calibrated" else "plain InfoNCE")
+    return (f"Trained with RadCLIPSlicer's `{tool}` on {n_train} training and {n_val} validation pairs "
+            f"from `{Path(config.train_manifest).name}`; loss `{config.loss}` ({loss}), "
+            f"AdamW lr {config.lr} (cosine), weight decay {config.weight_decay}, global batch {config.batch_size}, "
+            f"{summary['epochs_run']} epoch(s), best {summary['monitor']} {summary['best_loss']:.4f} at epoch "
+            f"{summary['best_epoch'] + 1}{' (stopped early)' if summary['stopped_early'] else ''}. {extra}")
+
+
+def export_model(model: RadCLIPModel, config: StageConfig, ctx: DistContext, card: str, summary: dict, stage) -> str:
+    """Write `<output>/model` (rank 0) with the card and the run's facts; returns its path."""
+    out = Path(config.output) / "model"
+    if ctx.main:
+        save_model(model, out, card=card, training={"stage": stage, "manifest": str(config.train_manifest),
+                                                    "loss": config.loss, "epochs_run": summary["epochs_run"],
+                                                    "best_epoch": summary["best_epoch"],
+                                                    "best_val_loss": summary["best_loss"] if summary["monitor"] ==
+                                                    "validation loss" else None, "monitor": summary["monitor"],
+                                                    "seed": config.seed})
+    return str(out)
+
+
+def rank_hooks(hooks: TrainingHooks | None, ctx: DistContext) -> TrainingHooks:
+    """The caller's hooks on rank 0, silent ones on the other ranks."""
+    return hooks if hooks is not None and ctx.main else TrainingHooks()
+
+
+def _autocast(ctx, precision):
+    if ctx.device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# --------------------------------------------------------------------------- stage 1
+def run_stage1(config: Stage1Config, hooks: TrainingHooks | None = None) -> dict:
+    """Fine-tune the image encoder on 2D image-text pairs; returns the run's summary, with `model`:
+    the exported folder. Launched by torchrun, every process calls this."""
+    ctx = setup_distributed(config.device)
+    hooks = rank_hooks(hooks, ctx)
+    try:
+        setup = prepare_stage(config, ctx)
+        texts = embed_pair_texts(setup, config.normal_pattern, ctx)
+        model = setup.model
+        clip = model.clip
+        if config.vision_dropout:
+            clip.vision_model.config.attention_dropout = config.vision_dropout
+            for layer in clip.vision_model.encoder.layers:
+                layer.self_attn.dropout = config.vision_dropout
+        tower = ImageTower(clip, Temperature(config.temperature, config.learn_temperature))
+        tower.vision_model.requires_grad_(True)
+        tower.visual_projection.requires_grad_(True)
+        if config.grad_checkpointing:
+            clip.gradient_checkpointing_enable()
+        train_set = ImageTextDataset(setup.train, texts.index, model.preprocess, setup)
+        val_set = ImageTextDataset(setup.val, texts.index, model.preprocess, setup)
+        validates = check_pair_contrast(setup, ctx, {"train": train_set.items, "val": val_set.items}, texts, config)
+        rows, line = setup.account(ctx, validates)
+        hooks.message(line)
+        calibrated = config.loss == "calibrated"
+
+        def loss_fn(module, batch):
+            pixels, ids = batch
+            with _autocast(ctx, config.precision):
+                feats = module(pixels.to(ctx.device))
+            ids = ids.to(ctx.device)
+            return info_nce(feats, texts.embeddings[ids], unwrap(module).temperature(),
+                            texts.groups[ids] if calibrated else None)
+
+        trainer = Trainer(tower, loss_fn, train_set, val_set if validates else None, collate_images,
+                          config.train_config(), config.output, ctx, hooks=hooks,
+                          describe={"stage": "stage 1 (2D image encoder)", "manifest_rows": rows},
+                          origin=training_origin(config, setup, "stage 1", ("vision_dropout",)))
+        summary = trainer.fit(resume=config.resume)
+        trainer.load_best()
+        model.temperature = tower.temperature.value
+        card = model_card("pretrain_2d", config, summary, len(train_set), len(val_set))
+        summary["model"] = export_model(model, config, ctx, card, summary, stage=1)
+        return summary
+    finally:
+        teardown_distributed()
+
+
+# --------------------------------------------------------------------------- stage 2
+def run_stage2(config: Stage2Config, hooks: TrainingHooks | None = None) -> dict:
+    """Train the slice-pooling adapter on 3D volume-text pairs from the slice-embedding cache;
+    returns the run's summary, with `model`: the exported folder, and the cache's use."""
+    ctx = setup_distributed(config.device)
+    hooks = rank_hooks(hooks, ctx)
+    try:
+        setup = prepare_stage(config, ctx)
+        texts = embed_pair_texts(setup, config.normal_pattern, ctx)
+        model = setup.model
+        cache = SliceEmbeddingCache(config.cache_dir or Path(config.output) / "embedding_cache", model, config.plane,
+                                    config.max_slices)
+        # each rank fills the cache for its share of the volumes, then reads the others' shares
+        everything = [("train", s) for s in setup.train] + [("val", s) for s in setup.val]
+        loaded = {i: _cached(cache, s, setup) for i, (_, s) in enumerate(everything) if i % ctx.world == ctx.rank}
+        ctx.barrier()
+        items = {"train": [], "val": []}
+        for i, (split, s) in enumerate(everything):
+            slices = loaded[i] if i in loaded else _cached(cache, s, setup)
+            if slices is not None:
+                items[split].append((slices, texts.index[s.text]))
+        validates = check_pair_contrast(setup, ctx, items, texts, config)
+        hooks.message(f"slice-embedding cache {cache.root}: {cache.computed} computed, {cache.reused} reused")
+        rows, line = setup.account(ctx, validates)
+        hooks.message(line)
+        adapter = SlicePoolingAdapter(AdapterConfig(dim=model.dim, num_heads=config.adapter_heads,
+                                                    pos_anchors=config.pos_anchors, dropout=config.adapter_dropout))
+        tower = AdapterTower(adapter, Temperature(config.temperature, config.learn_temperature)).to(ctx.device)
+        calibrated = config.loss == "calibrated"
+
+        def loss_fn(module, batch):
+            slices, mask, ids = (t.to(ctx.device) for t in batch)
+            return info_nce(module(slices, mask), texts.embeddings[ids], unwrap(module).temperature(),
+                            texts.groups[ids] if calibrated else None)
+
+        train_set = VolumeTextDataset(items["train"], config.slice_subsample, config.seed)
+        val_set = VolumeTextDataset(items["val"])
+        origin = training_origin(config, setup, "stage 2", ("plane", "max_slices", "adapter_heads", "pos_anchors",
+                                                            "adapter_dropout", "slice_subsample"))
+        trainer = Trainer(tower, loss_fn, train_set, val_set if validates else None, collate_volumes,
+                          config.train_config(), config.output, ctx, hooks=hooks,
+                          describe={"stage": "stage 2 (slice-pooling adapter)", "manifest_rows": rows}, origin=origin)
+        summary = trainer.fit(resume=config.resume)
+        trainer.load_best()
+        final = RadCLIPModel(model.clip, model.tokenizer, adapter=adapter.cpu(), preprocess=model.preprocess,
+                             temperature=tower.temperature.value, plane=config.plane, device="cpu", precision="fp32",
+                             source=str(Path(config.output) / "model"))
+        start = f"random {config.init_config}" if config.init_config else config.model
+        card = model_card("pretrain_adapter", config, summary, len(train_set), len(val_set),
+                          f"Encoders frozen (from `{start}`); adapter: {config.adapter_heads} heads, "
+                          f"dropout {config.adapter_dropout}.")
+        summary["model"] = export_model(final, config, ctx, card, summary, stage=2)
+        summary.update(cache_computed=cache.computed, cache_reused=cache.reused)
+        return summary
+    finally:
+        teardown_distributed()
+
+
+def _cached(cache: SliceEmbeddingCache, sample: Sample, setup: StageSetup):
+    try:
+        return cache.get(sample.image)
+    except RadCLIPError as exc:
+        setup.reject(sample, str(exc))
+        return None
