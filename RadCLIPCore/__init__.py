@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AdapterConfig": "adapter", "SlicePoolingAdapter": "adapter", "mean_pool": "adapter",
     "RadCLIPError": "errors",
-    "Volume": "io", "read_volume": "io",
+    "Volume": "volume_io", "read_volume": "volume_io",
     "DEFAULT_MODEL": "presets", "load_model": "loading", "save_model": "loading",
     "RadCLIPModel": "model", "RankedPrompt": "model", "VolumeEmbedding": "model",
     "PreprocessConfig": "preprocessing",

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .anatomy import AnatomyHead, read_label_names
+from .anatomy import AnatomyHead
+from .labelmaps import read_label_names
 from .datasets import StudyDataset, collate_studies
 from .embedding_cache import AnatomyFeatureCache
 from .errors import RadCLIPError

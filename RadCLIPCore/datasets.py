@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import RadCLIPError
-from .io import read_volume
+from .volume_io import read_volume
 from .manifests import Manifest
 from .preprocessing import prepare_image, prepare_volume, slice_unit, unit_to_clip
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .anatomy import anatomy_embeddings, read_labelmap
+from .anatomy import anatomy_embeddings
+from .labelmaps import read_labelmap
 from .fileutil import atomic_path
-from .io import read_volume
+from .volume_io import read_volume
 
 
 def hash_weights(h, *modules):

@@ -21,11 +21,12 @@ from typing import Callable
 import numpy as np
 
 from .adapter import mean_pool
-from .anatomy import anatomy_embeddings, read_label_names, read_labelmap
+from .anatomy import anatomy_embeddings
 from .embedding_cache import SliceEmbeddingCache
 from .errors import RadCLIPError
 from .fileutil import atomic_write_text, check_output_dir
-from .io import read_volume
+from .volume_io import read_volume
+from .labelmaps import read_label_names, read_labelmap
 from .loading import load_model
 from .manifests import read_manifest
 from .metrics import auc_with_ci, bootstrap_macro_auc, linear_probe, matching_top1, require_sklearn, retrieval_recall

@@ -25,7 +25,7 @@ from .adapter import SlicePoolingAdapter, mean_pool
 from .anatomy import pool_anatomies
 from .encoders import image_features, resolve_device, resolve_precision, text_features
 from .errors import RadCLIPError
-from .io import Volume, as_volume
+from .volume_io import Volume, as_volume
 from .preprocessing import PLANES, PreprocessConfig, check_volume_shape, prepare_image, prepare_volume
 
 log = logging.getLogger("RadCLIPCore")

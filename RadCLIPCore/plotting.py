@@ -7,7 +7,7 @@ import numpy as np
 
 from .errors import RadCLIPError
 from .fileutil import atomic_write_bytes
-from .io import Volume
+from .volume_io import Volume
 from .model import VolumeEmbedding
 from .preprocessing import view_volume
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import RadCLIPError
-from .io import Volume, ijk_axis
+from .volume_io import Volume, ijk_axis
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

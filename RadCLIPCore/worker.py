@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 
 
-from .anatomy import LabelMap
+from .labelmaps import LabelMap
 from .errors import RadCLIPError
-from .io import Volume, read_volume
+from .volume_io import Volume, read_volume
 from .loading import load_model
 from .presets import DEFAULT_MODEL
 from .protocol import decode_array
@@ -92,7 +92,7 @@ class WorkerSession:
         return volume
 
     # ------------------------------------------------------------------ requests
-    def rank(self, request: dict, emit: Callable[[dict], None], cancelled: Callable[[], bool]) -> dict:
+    def rank_request(self, request: dict, emit: Callable[[dict], None], cancelled: Callable[[], bool]) -> dict:
         """The `rank` op: the `rank --json` record, plus per-segment rankings for a label map."""
         prompts = request.get("prompts")
         if not isinstance(prompts, list) or not prompts:

@@ -351,7 +351,7 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
     """Usable without the widget, e.g. from the Python console:
 
         logic = slicer.util.getModuleLogic("RadCLIPSlicer")   # or RadCLIPSlicerLogic()
-        table = logic.rank(volumeNode, ["Chest CT", "Brain MRI"], model="/path/to/model")
+        table = logic.rankVolume(volumeNode, ["Chest CT", "Brain MRI"], model="/path/to/model")
     """
 
     def __init__(self) -> None:
@@ -473,7 +473,7 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
         if not prompts:
             raise ValueError(_("Type at least one prompt."))
         fields = self.mrmlLogic.volumeRequest(p.inputVolume, p.inputSegmentation)
-        return self.client.rank(prompts, model=self.modelSource(p), device=p.device, offline=p.offline,
+        return self.client.send_rank(prompts, model=self.modelSource(p), device=p.device, offline=p.offline,
                                 plane=p.plane, max_slices=p.maxSlices, **fields)
 
     def finishRanking(self, p, result) -> str:
@@ -507,7 +507,7 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
         return self._shownText(self.mrmlLogic.showPrompt(p.inputVolume, self._result, prompt, p.attentionVolume,
                                                          p.attentionChart))
 
-    def rank(self, volumeNode, prompts, model=None, plane="auto", maxSlices=None, parameterNode=None, timeout=600):
+    def rankVolume(self, volumeNode, prompts, model=None, plane="auto", maxSlices=None, parameterNode=None, timeout=600):
         """Synchronous ranking for scripts: fills the parameter node's outputs and returns the table node."""
         p = parameterNode or self.getParameterNode()
         p.inputVolume = volumeNode
@@ -580,7 +580,7 @@ class RadCLIPSlicerTest(ScriptedLoadableModuleTest):
                                                 name="synthetic")
         logic = RadCLIPSlicerLogic()
         try:
-            table = logic.rank(volume, ["Brain MRI", "Chest CT", "A puppy"], model=folder, maxSlices=8)
+            table = logic.rankVolume(volume, ["Brain MRI", "Chest CT", "A puppy"], model=folder, maxSlices=8)
             self.assertEqual(table.GetNumberOfRows(), 3)
             p = logic.getParameterNode()
             self.assertEqual(slicer.util.arrayFromVolume(p.attentionVolume).size, 20)

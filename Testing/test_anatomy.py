@@ -6,7 +6,8 @@ import SimpleITK as sitk
 from conftest import package_file
 
 from RadCLIPCore import RadCLIPError, Volume, read_volume
-from RadCLIPCore.anatomy import LabelMap, anatomy_embeddings, read_label_names, read_labelmap
+from RadCLIPCore.anatomy import anatomy_embeddings
+from RadCLIPCore.labelmaps import LabelMap, read_label_names, read_labelmap
 
 LIVER, LUNG_RIGHT_LOWER, SPLEEN = 5, 14, 1
 
@@ -228,7 +229,8 @@ def test_volume_and_anatomies_come_from_one_pass_of_the_vision_tower(mean_model,
     """With a segmentation, every slice goes through the tower once: the CLS token gives the volume,
     the patch tokens the anatomies; both equal what the separate paths compute."""
     from RadCLIPCore import read_volume
-    from RadCLIPCore.anatomy import anatomy_embeddings, read_labelmap
+    from RadCLIPCore.anatomy import anatomy_embeddings
+    from RadCLIPCore.labelmaps import read_labelmap
 
     from conftest import package_file
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from RadCLIPCore import RadCLIPError, read_volume
 from RadCLIPCore import header_checks
-from RadCLIPCore import io as rio
+from RadCLIPCore import volume_io as rio
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -52,7 +52,7 @@ print(json.dumps(dict(error=error, vm=vm1 - vm0, rss=rss1 - rss0, peak_rss=rss1)
 """
 
 
-def _read_in_fresh_process(path, module="io", function="read_volume"):
+def _read_in_fresh_process(path, module="volume_io", function="read_volume"):
     code = _PROBE.replace("{module}", module).replace("{function}", function)
     run = subprocess.run([sys.executable, "-c", code, str(REPO), str(path)], capture_output=True, text=True,
                          timeout=120)
@@ -197,11 +197,11 @@ def test_hostile_seg_nrrd(tmp_path):
     path = tmp_path / "mask.seg.nrrd"
     path.write_bytes(BIG + b"encoding: gzip\nSegment0_ID:=liver\nSegment0_Name:=liver\nSegment0_LabelValue:=1\n"
                      b"Segment0_Layer:=0\n\n" + gzip.compress(bytes(1000)))
-    _assert_refused_cheaply(path, module="anatomy", function="read_labelmap")
+    _assert_refused_cheaply(path, module="labelmaps", function="read_labelmap")
 
 
 def test_bad_seg_nrrd_fields_are_one_line(tmp_path):
-    from RadCLIPCore.anatomy import read_labelmap
+    from RadCLIPCore.labelmaps import read_labelmap
 
     path = tmp_path / "mask.seg.nrrd"
     path.write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 2 2\nencoding: raw\nSegment0_ID:=a\n"

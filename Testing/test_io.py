@@ -167,7 +167,7 @@ def test_empty_folder(tmp_path):
 @pytest.mark.parametrize("array,match", [(np.zeros((0, 4, 4)), "empty"), (np.zeros((2, 2, 2, 2)), "3D array"),
                                          (np.array([["a"]]), "numeric")])
 def test_bad_arrays(array, match):
-    from RadCLIPCore.io import as_volume
+    from RadCLIPCore.volume_io import as_volume
     from RadCLIPCore.preprocessing import check_volume_shape
 
     with pytest.raises(RadCLIPError, match=match):

@@ -86,7 +86,7 @@ def rank(session, logic, node, prompts, model_dir, segmentation=None, **options)
                "volume_key": fields["volume_key"]}
     if segmentation is not None:
         request.update(labelmap=encode_array(fields["labelmap"]), segments=fields["segments"])
-    return session.rank(request, lambda event: None, lambda: False)
+    return session.rank_request(request, lambda event: None, lambda: False)
 
 
 def test_rank_fills_a_table_best_first(scene, logic, session, radclip_dir, model, chest_ct):
@@ -263,7 +263,8 @@ def color_tables(scene):
 
 def test_prompts_ranked_per_segment(scene, logic, session, radclip_dir, mean_model, chest_ct):
     """A segmentation made from three labels of the real anatomy mask, ranked per segment."""
-    from RadCLIPCore.anatomy import anatomy_embeddings, read_labelmap
+    from RadCLIPCore.anatomy import anatomy_embeddings
+    from RadCLIPCore.labelmaps import read_labelmap
 
     from conftest import package_file
 

@@ -60,7 +60,7 @@ def client():
 def test_progress_then_result_and_a_rerank_runs_no_image_encoder(client, radclip_dir, ct_array, model):
     array, matrix = ct_array
     events = []
-    rid = client.rank(PROMPTS, array, matrix, volume_key="ct-1", model=str(radclip_dir), max_slices=16, batch_size=4)
+    rid = client.send_rank(PROMPTS, array, matrix, volume_key="ct-1", model=str(radclip_dir), max_slices=16, batch_size=4)
     final = client.wait(rid, on_event=events.append)
     assert final["event"] == "result", final
     stages = [e.get("stage") for e in events if e["event"] == "progress"]
@@ -79,7 +79,7 @@ def test_progress_then_result_and_a_rerank_runs_no_image_encoder(client, radclip
     assert {p["text"]: pytest.approx(p["probability"], abs=1e-5) for p in result["prompts"]} == expected
     # new prompts on the same volume: the key alone travels, and no slice goes through the encoder
     events.clear()
-    rid = client.rank(["Head CT", "A cat"], None, matrix, volume_key="ct-1", model=str(radclip_dir), max_slices=16)
+    rid = client.send_rank(["Head CT", "A cat"], None, matrix, volume_key="ct-1", model=str(radclip_dir), max_slices=16)
     final = client.wait(rid, on_event=events.append)
     assert final["event"] == "result" and final["result"]["embedded"] is False
     assert not [e for e in events if e.get("stage") == "embedding slices"]
@@ -105,7 +105,7 @@ def test_a_bad_volume_is_an_error_event_and_the_worker_lives(client, radclip_dir
 def test_cancel_mid_volume_returns_within_one_batch(client, base_model_dir, ct_array):
     array, matrix = ct_array
     events = []
-    rid = client.rank(PROMPTS, array, matrix, model=str(base_model_dir), max_slices=40, batch_size=2)
+    rid = client.send_rank(PROMPTS, array, matrix, model=str(base_model_dir), max_slices=40, batch_size=2)
     while not any(e.get("stage") == "embedding slices" for e in events):  # the first batch is done
         events += [e for e in client.poll() if e.get("id") == rid]
         time.sleep(0.05)
@@ -121,7 +121,7 @@ def test_cancel_mid_volume_returns_within_one_batch(client, base_model_dir, ct_a
 
 def test_kill_9_mid_request_is_one_error_and_the_next_request_works(client, base_model_dir, radclip_dir, ct_array):
     array, matrix = ct_array
-    rid = client.rank(PROMPTS, array, matrix, model=str(base_model_dir), max_slices=40, batch_size=2)
+    rid = client.send_rank(PROMPTS, array, matrix, model=str(base_model_dir), max_slices=40, batch_size=2)
     while True:
         events = client.poll()
         if any(e.get("stage") == "embedding slices" for e in events):
@@ -131,7 +131,7 @@ def test_kill_9_mid_request_is_one_error_and_the_next_request_works(client, base
     os.kill(first, signal.SIGKILL)
     final = client.wait(rid)
     assert final["event"] == "error" and "stopped unexpectedly" in final["message"] and "SIGKILL" in final["message"]
-    rid = client.rank(PROMPTS, array, matrix, model=str(radclip_dir), max_slices=8)
+    rid = client.send_rank(PROMPTS, array, matrix, model=str(radclip_dir), max_slices=8)
     final = client.wait(rid)
     assert final["event"] == "result" and client.pid != first and client.deaths == 1
 
@@ -141,7 +141,7 @@ def test_unload_gives_the_memory_back(client, base_model_dir, ct_array):
     idle = client.wait(client.request("ping"))
     pid = idle["pid"]
     before = rss_mb(pid)
-    assert client.wait(client.rank(PROMPTS, array, matrix, model=str(base_model_dir), max_slices=4))["event"] == "result"
+    assert client.wait(client.send_rank(PROMPTS, array, matrix, model=str(base_model_dir), max_slices=4))["event"] == "result"
     loaded = rss_mb(pid)
     assert loaded - before > 300  # ViT-B/16 weights (~600 MB in fp32) and the volume
     assert client.wait(client.request("unload"))["event"] == "unloaded"
@@ -166,12 +166,12 @@ def test_inline_transport_to_a_worker_that_cannot_see_our_files(tmp_path, radcli
     c = WorkerClient(command, transport="inline", env=dict(os.environ, HF_HUB_OFFLINE="1"))
     try:
         array, matrix = ct_array
-        final = c.wait(c.rank(PROMPTS, array, matrix, volume_key="remote", model=str(model_copy), max_slices=8))
+        final = c.wait(c.send_rank(PROMPTS, array, matrix, volume_key="remote", model=str(model_copy), max_slices=8))
         assert final["event"] == "result", (final, c.log_path.read_text())
         assert len(final["result"]["slice_weights"]) == 67
         final = c.wait(c.request("rank", volume=str(secret), prompts=PROMPTS, model=str(model_copy)))
         assert final["event"] == "error" and "not found" in final["message"]  # it truly cannot see our files
-        final = c.wait(c.rank(["Head CT"], None, matrix, volume_key="remote", model=str(model_copy), max_slices=8))
+        final = c.wait(c.send_rank(["Head CT"], None, matrix, volume_key="remote", model=str(model_copy), max_slices=8))
         assert final["event"] == "result" and final["result"]["embedded"] is False
     finally:
         c.close()

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from RadCLIPCore import load_model  # noqa: E402
 from RadCLIPCore.commands.common import OneLineParser, guarded  # noqa: E402
 from RadCLIPCore.commands.train import console_hooks  # noqa: E402
-from RadCLIPCore.io import read_volume  # noqa: E402
+from RadCLIPCore.volume_io import read_volume  # noqa: E402
 from RadCLIPCore.manifests import read_manifest  # noqa: E402
 from RadCLIPCore.plotting import plot_attention  # noqa: E402
 from RadCLIPCore.presets import DISTRACTORS  # noqa: E402

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from RadCLIPCore.manifests import write_manifest
-from RadCLIPCore.io import Volume, read_volume
+from RadCLIPCore.volume_io import Volume, read_volume
 from RadCLIPCore.preprocessing import PLANES, prepare_volume
 
 

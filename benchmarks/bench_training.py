@@ -23,7 +23,7 @@ from RadCLIPCore import AdapterConfig, RadCLIPModel, SlicePoolingAdapter  # noqa
 from RadCLIPCore.datasets import VolumeTextDataset, collate_volumes  # noqa: E402
 from RadCLIPCore.embedding_cache import SliceEmbeddingCache  # noqa: E402
 from RadCLIPCore.encoders import bundled_tokenizer, new_clip_model  # noqa: E402
-from RadCLIPCore.io import read_volume  # noqa: E402
+from RadCLIPCore.volume_io import read_volume  # noqa: E402
 from RadCLIPCore.losses import info_nce  # noqa: E402
 from RadCLIPCore.manifests import read_manifest  # noqa: E402
 from RadCLIPCore.towers import ImageTower, Temperature  # noqa: E402

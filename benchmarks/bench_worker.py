@@ -49,12 +49,12 @@ def bench_worker_vs_in_process(model_dir, array, matrix, max_slices, rounds):
     torch.set_num_threads(os.cpu_count() or 1)
     model = load_model(model_dir, device="cpu")
     client = WorkerClient(env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    client.wait(client.rank(prompts, array[:8], matrix, model=str(model_dir), max_slices=2))  # load the model once
+    client.wait(client.send_rank(prompts, array[:8], matrix, model=str(model_dir), max_slices=2))  # load the model once
     best_worker = best_local = float("inf")
     for r in range(rounds):  # alternate, best of each: the machine is shared
         voxels = array + r  # other content each round: neither side may serve it from a cache
         started = time.perf_counter()
-        final = client.wait(client.rank(prompts, voxels, matrix, volume_key=f"round-{r}", model=str(model_dir),
+        final = client.wait(client.send_rank(prompts, voxels, matrix, volume_key=f"round-{r}", model=str(model_dir),
                                         max_slices=max_slices, batch_size=16))
         best_worker = min(best_worker, time.perf_counter() - started)
         assert final["event"] == "result" and final["result"]["embedded"], final
@@ -65,7 +65,7 @@ def bench_worker_vs_in_process(model_dir, array, matrix, max_slices, rounds):
         best_local = min(best_local, time.perf_counter() - started)
     new_prompts = [f"Chest CT with finding {i}" for i in range(10)]
     started = time.perf_counter()
-    final = client.wait(client.rank(new_prompts, voxels, matrix, volume_key=f"round-{rounds - 1}",
+    final = client.wait(client.send_rank(new_prompts, voxels, matrix, volume_key=f"round-{rounds - 1}",
                                     model=str(model_dir), max_slices=max_slices))
     rerank = time.perf_counter() - started
     assert final["result"]["embedded"] is False
@@ -89,7 +89,7 @@ def bench_gui_thread(array_300, matrix):
     for _ in range(3):
         started = time.perf_counter()
         fields = logic.volumeRequest(node)
-        client.rank(["Chest CT"], **fields, model="unused")
+        client.send_rank(["Chest CT"], **fields, model="unused")
         times.append(time.perf_counter() - started)
         client._known_volumes.add(fields["volume_key"])  # as after the worker's first result
     client.close()

@@ -44,7 +44,7 @@ def main():
         tok = bundled_tokenizer()
         folder = save_model(RadCLIPModel(new_clip_model("clip-tiny", tok, seed=0), tok, device="cpu"), Path(tmp) / "m")
         fields = logic.volumeRequest(ct)
-        result = WorkerSession().rank({"prompts": ["Chest CT", "Brain MRI", "A puppy"], "model": str(folder),
+        result = WorkerSession().rank_request({"prompts": ["Chest CT", "Brain MRI", "A puppy"], "model": str(folder),
                                        "device": "cpu", "array": encode_array(fields["array"]),
                                        "ijk_to_ras": fields["ijk_to_ras"].tolist()}, lambda e: None, lambda: False)
     out = logic.showResults(ct, result)

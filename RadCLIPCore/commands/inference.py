@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import RadCLIPError
 from ..fileutil import atomic_path, atomic_write_text, check_output_file
-from ..io import check_readable, is_2d_image, read_volume
+from ..volume_io import check_readable, is_2d_image, read_volume
 from ..loading import load_model
 from ..plotting import plot_attention
 from ..preprocessing import PLANES, check_volume_shape

@@ -96,7 +96,7 @@ def serve(stdin=None, stdout=None) -> int:
                 if rid in cancelled:
                     raise Cancelled()
                 if request["op"] == "rank":
-                    emit({"event": "result", "result": session.rank(request, emit, lambda: rid in cancelled)})
+                    emit({"event": "result", "result": session.rank_request(request, emit, lambda: rid in cancelled)})
                 else:
                     session.unload()
                     emit({"event": "unloaded"})

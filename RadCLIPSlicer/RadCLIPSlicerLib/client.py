@@ -155,7 +155,7 @@ class WorkerClient:
         self._send(request)
         return rid
 
-    def rank(self, prompts, array=None, ijk_to_ras=None, volume_key=None, path=None, labelmap=None,
+    def send_rank(self, prompts, array=None, ijk_to_ras=None, volume_key=None, path=None, labelmap=None,
              segments=None, **options) -> int:
         """A `rank` request for voxels `array` (k, j, i) with their 4x4 IJK-to-RAS matrix, or a file
         `path`. `volume_key` (changes when voxels or geometry change) lets the worker reuse what it

