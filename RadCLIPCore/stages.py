@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -303,15 +303,24 @@ def _autocast(ctx, precision):
     return nullcontext()
 
 
+@contextmanager
+def pair_stage(config: PairStageConfig, hooks: TrainingHooks | None):
+    """What both image-text stages start from and end with: the process group (torchrun), rank-0
+    hooks, the shared set-up and each distinct text embedded once; the group is left however the
+    stage ends."""
+    ctx = setup_distributed(config.device)
+    try:
+        setup = prepare_stage(config, ctx)
+        yield ctx, rank_hooks(hooks, ctx), setup, embed_pair_texts(setup, config.normal_pattern, ctx)
+    finally:
+        teardown_distributed()
+
+
 # --------------------------------------------------------------------------- stage 1
 def run_stage1(config: Stage1Config, hooks: TrainingHooks | None = None) -> dict:
     """Fine-tune the image encoder on 2D image-text pairs; returns the run's summary, with `model`:
     the exported folder. Launched by torchrun, every process calls this."""
-    ctx = setup_distributed(config.device)
-    hooks = rank_hooks(hooks, ctx)
-    try:
-        setup = prepare_stage(config, ctx)
-        texts = embed_pair_texts(setup, config.normal_pattern, ctx)
+    with pair_stage(config, hooks) as (ctx, hooks, setup, texts):
         model = setup.model
         clip = model.clip
         if config.vision_dropout:
@@ -348,19 +357,13 @@ def run_stage1(config: Stage1Config, hooks: TrainingHooks | None = None) -> dict
         card = model_card("pretrain_2d", config, summary, len(train_set), len(val_set))
         summary["model"] = export_model(model, config, ctx, card, summary, stage=1)
         return summary
-    finally:
-        teardown_distributed()
 
 
 # --------------------------------------------------------------------------- stage 2
 def run_stage2(config: Stage2Config, hooks: TrainingHooks | None = None) -> dict:
     """Train the slice-pooling adapter on 3D volume-text pairs from the slice-embedding cache;
     returns the run's summary, with `model`: the exported folder, and the cache's use."""
-    ctx = setup_distributed(config.device)
-    hooks = rank_hooks(hooks, ctx)
-    try:
-        setup = prepare_stage(config, ctx)
-        texts = embed_pair_texts(setup, config.normal_pattern, ctx)
+    with pair_stage(config, hooks) as (ctx, hooks, setup, texts):
         model = setup.model
         cache = SliceEmbeddingCache(config.cache_dir or Path(config.output) / "embedding_cache", model, config.plane,
                                     config.max_slices)
@@ -406,8 +409,6 @@ def run_stage2(config: Stage2Config, hooks: TrainingHooks | None = None) -> dict
         summary["model"] = export_model(final, config, ctx, card, summary, stage=2)
         summary.update(cache_computed=cache.computed, cache_reused=cache.reused)
         return summary
-    finally:
-        teardown_distributed()
 
 
 def _cached(cache: SliceEmbeddingCache, sample: Sample, setup: StageSetup):

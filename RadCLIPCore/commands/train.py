@@ -121,21 +121,13 @@ def _stage_arguments(p: argparse.ArgumentParser, normal_pattern: bool = True):
     p.add_argument("--no-progress", action="store_true", help="no epoch lines or progress bars")
 
 
-def stage1_parser() -> argparse.ArgumentParser:
-    """Stage 1's options; `args.func(args)` runs it."""
-    p = OneLineParser(prog="pretrain_2d.py", description=STAGE1)
-    _stage_arguments(p)
+def _stage1_options(p):
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--vision-dropout", type=float, default=0.0,
                    help="attention dropout in the vision tower (default 0: CLIP was pretrained without it)")
-    p.set_defaults(func=lambda args: _train(run_stage1, Stage1Config, args))
-    return p
 
 
-def stage2_parser() -> argparse.ArgumentParser:
-    """Stage 2's options; `args.func(args)` runs it."""
-    p = OneLineParser(prog="pretrain_adapter.py", description=STAGE2)
-    _stage_arguments(p)
+def _stage2_options(p):
     p.add_argument("--plane", default="auto", choices=("auto",) + PLANES)
     p.add_argument("--max-slices", type=int, default=None, help="evenly spaced slices per volume in the cache")
     p.add_argument("--cache-dir", help="slice-embedding cache (default <output>/embedding_cache)")
@@ -144,14 +136,9 @@ def stage2_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-dropout", type=float, default=0.5)
     p.add_argument("--slice-subsample", type=float, default=1.0,
                    help="augmentation: keep a random fraction in [this, 1] of each volume's slices (1 = off)")
-    p.set_defaults(func=lambda args: _train(run_stage2, Stage2Config, args))
-    return p
 
 
-def anatomy_parser() -> argparse.ArgumentParser:
-    """The anatomy stage's options; `args.func(args)` runs it."""
-    p = OneLineParser(prog="pretrain_anatomy.py", description=ANATOMY)
-    _stage_arguments(p, normal_pattern=False)
+def _anatomy_options(p):
     p.add_argument("--lexicon", required=True, metavar="JSON",
                    help='label value -> names and synonyms, e.g. {"5": ["liver", "hepatic"]}')
     p.add_argument("--label-names", metavar="CSV", help="label names (id,structure columns) for the normal template")
@@ -160,7 +147,23 @@ def anatomy_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-patches", type=float, default=1.0,
                    help="an anatomy counts on a slice when it covers at least this many patches")
     p.add_argument("--cache-dir", help="anatomy feature cache (default <output>/embedding_cache)")
-    p.set_defaults(func=lambda args: _train(run_anatomy_stage, AnatomyStageConfig, args))
+
+
+# (program, description, its own options, run, config class, takes --normal-pattern)
+STAGES = {
+    "stage1": ("pretrain_2d.py", STAGE1, _stage1_options, run_stage1, Stage1Config, True),
+    "stage2": ("pretrain_adapter.py", STAGE2, _stage2_options, run_stage2, Stage2Config, True),
+    "anatomy": ("pretrain_anatomy.py", ANATOMY, _anatomy_options, run_anatomy_stage, AnatomyStageConfig, False),
+}
+
+
+def stage_parser(stage: str) -> argparse.ArgumentParser:
+    """A stage's options (the shared ones, then its own); `args.func(args)` runs it."""
+    prog, description, own_options, run, config_class, normal_pattern = STAGES[stage]
+    p = OneLineParser(prog=prog, description=description)
+    _stage_arguments(p, normal_pattern=normal_pattern)
+    own_options(p)
+    p.set_defaults(func=lambda args: _train(run, config_class, args))
     return p
 
 
@@ -170,12 +173,12 @@ def _main(parser: argparse.ArgumentParser, argv) -> int:
 
 
 def main_stage1(argv=None) -> int:
-    return _main(stage1_parser(), argv)
+    return _main(stage_parser("stage1"), argv)
 
 
 def main_stage2(argv=None) -> int:
-    return _main(stage2_parser(), argv)
+    return _main(stage_parser("stage2"), argv)
 
 
 def main_anatomy(argv=None) -> int:
-    return _main(anatomy_parser(), argv)
+    return _main(stage_parser("anatomy"), argv)
