@@ -10,6 +10,7 @@ idle, so a Python thread here would crawl, and a crash or out-of-memory in torch
 down. The GUI thread only reads MRML (a view of the voxels, the IJK-to-RAS matrix), hands them to
 the worker, polls for events with a timer and writes the results into MRML. It never imports torch.
 """
+import importlib
 import os
 import sys
 from typing import Annotated
@@ -201,8 +202,12 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.deviceComboBox.findText(p.device) < 0:
             self.ui.deviceComboBox.addItem(p.device)
         self.ui.deviceComboBox.setCurrentText(p.device)
-        self.ui.resultsTableView.setMRMLTableNode(p.outputTable)
-        self.ui.segmentTableView.setMRMLTableNode(p.segmentTable)
+        # only when it changed: setting a table re-emits selectionChanged (the row's prompt would be
+        # shown again on every parameter change)
+        if self.ui.resultsTableView.mrmlTableNode() is not p.outputTable:
+            self.ui.resultsTableView.setMRMLTableNode(p.outputTable)
+        if self.ui.segmentTableView.mrmlTableNode() is not p.segmentTable:
+            self.ui.segmentTableView.setMRMLTableNode(p.segmentTable)
         self.ui.segmentTableView.visible = bool(p.segmentTable and p.inputSegmentation)
         running = self._running is not None
         ready = bool(p.inputVolume and p.prompts.strip())
@@ -294,17 +299,22 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("Failed to rank the prompts: {message}").format(message=event.get("message")))
             elif kind == "result":
                 with slicer.util.tryWithErrorDisplay(_("Failed to show the results."), waitCursor=True):
+                    self.ui.resultsTableView.clearSelection()  # the best prompt is shown first
                     self.ui.statusLabel.text = self.logic.finishRanking(self._parameterNode, event["result"])
-                    self.logic.showResults(self._parameterNode, self._plotViewReady())
+                    self.logic.showResults(self._parameterNode, slicer.app.layoutManager().plotViewCount > 0)
+                    self._plotViewReady()  # now there is a plot view: connect its clicks
         finally:
             self._updateGui()
 
     def _setDevices(self, devices) -> None:
         current = self.ui.deviceComboBox.currentText
+        wasBlocked = self.ui.deviceComboBox.blockSignals(True)  # refilling must not rewrite the parameter
         self.ui.deviceComboBox.clear()
         for device in ["auto"] + [d for d in devices if d != "auto"]:
             self.ui.deviceComboBox.addItem(device)
+        self.ui.deviceComboBox.blockSignals(wasBlocked)
         self.ui.deviceComboBox.setCurrentText(current if self.ui.deviceComboBox.findText(current) >= 0 else "auto")
+        self.onDeviceChosen(self.ui.deviceComboBox.currentText)
 
     # ---------------------------------------------------------------- viewers
     def _plotViewReady(self) -> bool:
@@ -327,7 +337,7 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.jumpToSlice(self._parameterNode, indices[0])
 
     def onResultRowSelected(self) -> None:
-        rows = sorted({index.row() for index in self.ui.resultsTableView.selectedIndexes()})
+        rows = sorted({index.row() for index in self.ui.resultsTableView.selectionModel().selectedIndexes()})
         if not rows or self._parameterNode is None or self._parameterNode.outputTable is None:
             return
         prompt = self._parameterNode.outputTable.GetCellText(rows[0], 0)
@@ -430,18 +440,37 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
                                  "extension (PyTorch Utils module).").format(need=TORCH_REQUIREMENT,
                                                                             have=metadata.version("torch")))
         requirements = self.resourcePath("requirements.txt")
-        try:
-            import slicer.packaging  # Slicer 5.12 and later
-        except ImportError:
-            slicer.util.pip_install(["-r", requirements])  # 5.10: no prompt; pip installs only what is missing
+        try:  # not `import slicer.packaging`: that would make `slicer` a local name of this function
+            packaging = importlib.import_module("slicer.packaging")  # Slicer 5.12 and later
+        except ImportError:  # 5.10: no prompt; pip runs only when something is missing
+            if self._missingRequirements(requirements):
+                slicer.util.pip_install(["-r", requirements])
             return True
         try:
-            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(requirements), requester="RadCLIP")
+            packaging.pip_ensure(packaging.load_requirements(requirements), requester="RadCLIP")
         except RuntimeError as exc:
             if "declined" in str(exc).lower():
                 return False
             raise
         return True
+
+    @staticmethod
+    def _missingRequirements(path) -> list:
+        """Requirement lines of `path` whose package is not installed or whose version does not fit."""
+        from importlib import metadata
+
+        from packaging.requirements import Requirement
+
+        missing = []
+        for line in open(path, encoding="utf-8").read().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                requirement = Requirement(line)
+                try:
+                    if not requirement.specifier.contains(metadata.version(requirement.name), prereleases=True):
+                        missing.append(line)
+                except metadata.PackageNotFoundError:
+                    missing.append(line)
+        return missing
 
     def resourcePath(self, relativePath):
         return os.path.join(os.path.dirname(__file__), "Resources", relativePath)
@@ -472,6 +501,9 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
         prompts = self.prompts(p)
         if not prompts:
             raise ValueError(_("Type at least one prompt."))
+        if p.inputVolume is not None and p.inputVolume.GetAttribute("RadCLIP.sourceVolumeID"):
+            raise ValueError(_("'{name}' is RadCLIP's own relevance volume; choose the scan as input.").format(
+                name=p.inputVolume.GetName()))
         fields = self.mrmlLogic.volumeRequest(p.inputVolume, p.inputSegmentation)
         return self.client.send_rank(prompts, model=self.modelSource(p), device=p.device, offline=p.offline,
                                 plane=p.plane, max_slices=p.maxSlices, **fields)

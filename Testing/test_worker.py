@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,24 +152,27 @@ def test_unload_gives_the_memory_back(client, base_model_dir, ct_array):
 
 def test_inline_transport_to_a_worker_that_cannot_see_our_files(tmp_path, radclip_dir, ct_array):
     """A remote worker shares no files: the voxels travel in the protocol. The worker here runs in
-    its own mount namespace with an empty /tmp over ours, so no file we write is visible to it."""
+    its own mount namespace, with empty file systems over this test's folder and over the client's
+    temporary folder, so nothing the client writes is visible to it."""
     probe = subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"unshare is not permitted here: {probe.stderr.decode().strip()[:120]}")
-    model_copy = REPO / ".pytest-worker-model"  # outside /tmp: the worker must still see the model
+    model_copy = REPO / ".pytest-worker-model"  # outside the hidden folders: the worker must see the model
     subprocess.run(["rm", "-rf", str(model_copy)], check=True)
     subprocess.run(["cp", "-r", str(radclip_dir), str(model_copy)], check=True)
     secret = tmp_path / "visible-only-to-the-client.txt"
     secret.write_text("x")
-    python_cmd = " ".join(default_command())
-    command = ["unshare", "--mount", "--map-root-user", "sh", "-c",
-               f"mount -t tmpfs none /tmp && test ! -e {secret} && exec {python_cmd}"]
-    c = WorkerClient(command, transport="inline", env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    c = WorkerClient(transport="inline", env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    hidden = [str(tmp_path), c._tmp.name]
+    c.command = ["unshare", "--mount", "--map-root-user", "sh", "-c",
+                 " && ".join([f"mount -t tmpfs none {d}" for d in hidden] + ["cd /", f"test ! -e {secret}",
+                                                                           "exec " + " ".join(default_command())])]
     try:
         array, matrix = ct_array
         final = c.wait(c.send_rank(PROMPTS, array, matrix, volume_key="remote", model=str(model_copy), max_slices=8))
         assert final["event"] == "result", (final, c.log_path.read_text())
         assert len(final["result"]["slice_weights"]) == 67
+        assert not list(Path(c._tmp.name).glob("*.npy"))  # nothing went through files
         final = c.wait(c.request("rank", volume=str(secret), prompts=PROMPTS, model=str(model_copy)))
         assert final["event"] == "error" and "not found" in final["message"]  # it truly cannot see our files
         final = c.wait(c.send_rank(["Head CT"], None, matrix, volume_key="remote", model=str(model_copy), max_slices=8))

@@ -87,7 +87,7 @@ class WorkerClient:
                  if os.name == "nt" else {"start_new_session": True})
         try:
             self._process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                             stderr=log, env=env, cwd=self._tmp.name, bufsize=0, **group)
+                                             stderr=log, env=env, cwd=self._tmp.name, **group)
         except OSError as exc:
             raise WorkerError(f"cannot start the RadCLIP worker ({' '.join(self.command)}): {exc}") from None
         finally:

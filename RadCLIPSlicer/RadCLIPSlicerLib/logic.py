@@ -204,8 +204,7 @@ class RadCLIPSlicerMRMLLogic:
         display.AutoWindowLevelOff()
         display.SetWindowLevelMinMax(uniform, peak if visible else uniform * (1 + FLAT))
         display.SetApplyThreshold(True)  # below the uniform level: transparent, not a dark veil
-        display.SetLowerThreshold(uniform if visible else peak + 1.0)
-        display.SetUpperThreshold(max(peak, uniform) + 1.0)
+        display.SetThreshold(uniform if visible else peak + 1.0, max(peak, uniform) + 1.0)
         display.SetInterpolate(False)
         display.SetVisibility(visible)
         attentionNode.SetAttribute("RadCLIP.sourceVolumeID", volumeNode.GetID())
