@@ -14,6 +14,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from .errors import RadCLIPError
+from .fileutil import read_json
 from .preprocessing import ConfigError, check_int, check_number, shown
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
@@ -49,13 +50,7 @@ def read_clip_config(config) -> CLIPConfig:
     if not path.is_file():
         raise RadCLIPError(f"cannot read CLIP config '{config}': not found; pass a config.json, the folder "
                            f"that holds one, or a bundled name ({', '.join(BUNDLED_CONFIGS)})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RadCLIPError(f"cannot read CLIP config '{path}': {exc.strerror or exc}") from None
-    except ValueError as exc:  # bad JSON, or not UTF-8
-        raise RadCLIPError(f"cannot read CLIP config '{path}': not valid JSON ({exc})") from None
-    return clip_config_from_dict(data, path)
+    return clip_config_from_dict(read_json(path, f"CLIP config '{path}'"), path)
 
 
 # sizes the towers are built from: a string, 0 or a negative here crashes deep in torch or

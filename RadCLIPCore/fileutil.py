@@ -1,4 +1,5 @@
 """Atomic writes: a crash or a kill mid-write never leaves a half-written file or folder behind."""
+import json
 import os
 import shutil
 import tempfile
@@ -80,3 +81,14 @@ def check_output_file(path, what="output file") -> Path:
         raise RadCLIPError(f"{what} '{path}' is a folder; give a file name")
     check_output_dir(path.parent if str(path.parent) else Path("."), f"the folder of the {what}")
     return path
+
+
+def read_json(path, what: str):
+    """The JSON value in `path`. `what` names it in the one-line error (e.g. "CLIP config 'x.json'")
+    when the file cannot be read or is not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RadCLIPError(f"cannot read {what}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # bad JSON, or not UTF-8
+        raise RadCLIPError(f"{what} is not valid JSON ({exc})") from None

@@ -39,7 +39,7 @@ from .adapter import AdapterConfig, SlicePoolingAdapter
 from .anatomy import AnatomyHead
 from .encoders import align_token_ids, bundled_tokenizer, read_clip_config, resolve_device, resolve_precision
 from .errors import RadCLIPError
-from .fileutil import atomic_path
+from .fileutil import atomic_path, read_json
 from .model import RadCLIPModel
 from .preprocessing import PLANES, ConfigError, PreprocessConfig, check_int, check_number, shown
 from .presets import DEFAULT_MODEL, RADCLIP_FILE, RADCLIP_REPO, hub_cache_dir, resolve_preset
@@ -320,13 +320,7 @@ def _load_radclip_dir(path: Path, kwargs, pooling) -> RadCLIPModel:
 
 
 def _read_radclip_config(path: Path) -> dict:
-    file = path / RADCLIP_CONFIG
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RadCLIPError(f"cannot read '{file}': {exc.strerror or exc}") from None
-    except ValueError as exc:  # bad JSON, or not UTF-8
-        raise RadCLIPError(f"model folder '{path}': {RADCLIP_CONFIG} is not valid JSON ({exc})") from None
+    meta = read_json(path / RADCLIP_CONFIG, f"model folder '{path}': {RADCLIP_CONFIG}")
     if not isinstance(meta, dict):
         raise RadCLIPError(f"model folder '{path}': {RADCLIP_CONFIG} must hold a JSON object, got {shown(meta)}")
     return meta

@@ -26,7 +26,8 @@ from .anatomy import pool_anatomies
 from .encoders import image_features, resolve_device, resolve_precision, text_features
 from .errors import RadCLIPError
 from .volume_io import Volume, as_volume
-from .preprocessing import PLANES, PreprocessConfig, check_volume_shape, prepare_image, prepare_volume
+from .preprocessing import (PLANES, PreprocessConfig, check_volume_shape, fill_skipped_slices, prepare_image,
+                            prepare_volume)
 
 log = logging.getLogger("RadCLIPCore")
 
@@ -275,18 +276,17 @@ class RadCLIPModel:
         """The JSON-ready result that `rank --json` prints and the worker sends: prompts best first
         with probability, cosine and (for volumes) per-slice relevance, plus the slice weights."""
         ranked = self.rank(embedding, prompts)
-        volume = embedding if isinstance(embedding, VolumeEmbedding) else None
-        relevance = dict(zip(prompts, self.slice_relevance(volume, prompts))) if volume is not None else {}
-        return {
-            "prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine,
-                         "relevance": relevance[r.prompt].tolist() if volume is not None else None} for r in ranked],
-            "slice_weights": volume.slice_weights.tolist() if volume is not None else None,
-            "slice_axis": volume.slice_axis if volume is not None else None,
-            "plane": volume.plane if volume is not None else None,
-            "most_attended_slice": volume.most_attended_slice if volume is not None else None,
-            "pooling": volume.pooling if volume is not None else None,
-            "model": self.source,
-        }
+        if not isinstance(embedding, VolumeEmbedding):  # a 2D image: no slices
+            return {"prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine,
+                                 "relevance": None} for r in ranked],
+                    **dict.fromkeys(("slice_weights", "slice_axis", "plane", "most_attended_slice", "pooling")),
+                    "model": self.source}
+        relevance = dict(zip(prompts, self.slice_relevance(embedding, prompts)))
+        return {"prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine,
+                             "relevance": relevance[r.prompt].tolist()} for r in ranked],
+                "slice_weights": embedding.slice_weights.tolist(), "slice_axis": embedding.slice_axis,
+                "plane": embedding.plane, "most_attended_slice": embedding.most_attended_slice,
+                "pooling": embedding.pooling, "model": self.source}
 
     def slice_relevance(self, embedding: VolumeEmbedding, prompts) -> np.ndarray:
         """(len(prompts), input slices): where along the volume each prompt matches.
@@ -300,10 +300,7 @@ class RadCLIPModel:
         cosines = texts @ np.asarray(embedding.slice_embeddings, np.float32).T  # (k, sampled)
         per_sampled = prompt_softmax(cosines, self.temperature)  # over the slices
         n = len(embedding.slice_weights)
-        sampled = np.asarray(embedding.sampled_slices)
-        rows = [np.interp(np.arange(n), sampled, r) if len(sampled) < n else r for r in per_sampled]
-        out = np.stack([r / r.sum() for r in rows]).astype(np.float32)
-        return self._finite(out)
+        return self._finite(np.stack([fill_skipped_slices(embedding.sampled_slices, r, n) for r in per_sampled]))
 
     @staticmethod
     def _remember(cache: OrderedDict, key, value, limit):

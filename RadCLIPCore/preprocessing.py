@@ -273,10 +273,18 @@ class PreparedVolume:
         Slices skipped by `max_slices` get the linear interpolation of their sampled neighbours.
         """
         inputs, order = self.sampled_input_order()
-        values = np.asarray(sampled_values, dtype=np.float64)[order]
-        if len(inputs) < self.n_slices:
-            values = np.interp(np.arange(self.n_slices), inputs, values)
-        return (values / values.sum()).astype(np.float32)
+        return fill_skipped_slices(inputs, np.asarray(sampled_values)[order], self.n_slices)
+
+
+def fill_skipped_slices(sampled_inputs, values, n_slices: int) -> np.ndarray:
+    """Weights of the embedded slices (at input slice numbers `sampled_inputs`, ascending) -> a
+    weight for every input slice, summing to 1: slices skipped by `max_slices` get the linear
+    interpolation of their embedded neighbours. The adapter's attention and each prompt's
+    relevance are spread over the input this way."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(sampled_inputs) < n_slices:
+        values = np.interp(np.arange(n_slices), sampled_inputs, values)
+    return (values / values.sum()).astype(np.float32)
 
 
 def check_volume_shape(volume: Volume):

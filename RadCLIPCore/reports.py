@@ -3,11 +3,11 @@ the anatomies it names (a configurable lexicon of names and synonyms), and give 
 sentence mentions a normal template. Deterministic, no network."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from .errors import RadCLIPError
+from .fileutil import read_json
 
 NORMAL_TEMPLATE = "{anatomy} shows no significant abnormalities."
 # a sentence ends at . ! ? ; or a line break, but not inside a number ("3.5 cm") or a common abbreviation
@@ -36,10 +36,7 @@ def read_lexicon(path_or_dict) -> dict:
     """{label value: [names and synonyms]} from a dict or a JSON file ({"5": ["liver", "hepatic"]})."""
     data = path_or_dict
     if isinstance(path_or_dict, (str, Path)):
-        try:
-            data = json.loads(Path(path_or_dict).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise RadCLIPError(f"cannot read lexicon '{path_or_dict}': {exc}") from None
+        data = read_json(path_or_dict, f"lexicon '{path_or_dict}'")
     lexicon = {}
     for key, words in data.items():
         words = [words] if isinstance(words, str) else list(words)

@@ -8,7 +8,6 @@ opening.
 """
 import gzip
 import json
-import os
 import struct
 import subprocess
 import sys
