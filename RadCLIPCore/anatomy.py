@@ -3,7 +3,7 @@
 For each requested label of a label map aligned with the volume:
 1. every embedded slice goes through the vision tower once; its patch tokens are put through the
    tower's final layer norm and the visual projection, so each patch has a vector in the joint space;
-2. the label's mask on that slice goes through the *same* letterbox transform as the slice and is
+2. the label's mask on that slice goes through the *same* geometry (letterbox or crop) as the slice and is
    average-pooled onto the patch grid: each patch gets the fraction of it the anatomy covers;
 3. a slice's anatomy vector is the coverage-weighted mean of its patch vectors, kept when the
    anatomy covers at least `min_patches` patches' worth of area on that slice;
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .errors import RadCLIPError
 from .labelmaps import LabelMap, align_labelmap
 from .volume_io import Volume
-from .preprocessing import PreparedVolume, canonicalize, letterbox
+from .preprocessing import PreparedVolume, canonicalize, mask_geometry
 
 
 class AnatomyHead(torch.nn.Module):
@@ -95,7 +95,6 @@ def pool_anatomies(model, slices, volume: Volume, labelmap: LabelMap, labels=Non
     mask_view = PreparedVolume(canonicalize(mask), prepared.plane, prepared.axis, prepared.sampled, prepared.stats,
                                prepared.config)
     patch = model.clip.config.vision_config.patch_size
-    size = prepared.config.image_size
     per_label = {v: [] for v in wanted}
     used = {v: [] for v in wanted}
     step = 16  # mask slices handled at a time (bounded memory for big label maps)
@@ -107,7 +106,7 @@ def pool_anatomies(model, slices, volume: Volume, labelmap: LabelMap, labels=Non
             binary = torch.from_numpy(np.ascontiguousarray(labels_here == v, dtype=np.float32)).unsqueeze(1)
             if not binary.any():
                 continue
-            cover = F.avg_pool2d(letterbox(binary, prepared.pixel_spacing, size), patch).flatten(1)  # (B, P)
+            cover = F.avg_pool2d(mask_geometry(binary, prepared.pixel_spacing, prepared.config), patch).flatten(1)  # (B, P)
             cover = cover.to(feats.device)
             for b in range(len(idx)):
                 if float(cover[b].sum()) >= min_patches:

@@ -41,12 +41,13 @@ from .encoders import align_token_ids, bundled_tokenizer, read_clip_config, reso
 from .errors import RadCLIPError
 from .fileutil import atomic_path, read_json
 from .model import RadCLIPModel
-from .preprocessing import PLANES, ConfigError, PreprocessConfig, check_int, check_number, shown
+from .preprocessing import PLANES, ConfigError, PreprocessConfig, check_int, check_number, clip_processor_config, shown
 from .presets import DEFAULT_MODEL, RADCLIP_FILE, RADCLIP_REPO, hub_cache_dir, resolve_preset
 
 log = logging.getLogger("RadCLIPCore")
 
 RADCLIP_CONFIG = "radclip_config.json"
+PROCESSOR_CONFIG = "preprocessor_config.json"
 FORMAT_VERSION = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -87,6 +88,31 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, device="auto", precisi
     return _with_pooling(_load_hub(str(source), offline, cache_dir, kwargs), pooling)
 
 
+def model_preprocessing(source: str | os.PathLike = DEFAULT_MODEL, *, config=None, offline: bool | None = None,
+                        cache_dir=None) -> PreprocessConfig:
+    """The preprocessing a model is fed with, read from where it is recorded, without loading
+    weights: a RadCLIP folder's `radclip_config.json`, a Hugging Face folder's or hub id's
+    `preprocessor_config.json` (CLIP's defaults without one), CLIP's defaults for a `.pth`."""
+    source = resolve_preset(source)
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_dir() and (path / RADCLIP_CONFIG).exists():
+        meta = _read_radclip_config(path)
+        with _naming_the_key(path):
+            _check_format(meta)
+            return _check_settings(meta, read_clip_config(path / "clip"))["preprocess"]
+    if path.is_dir():
+        return _processor_preprocessing(path / PROCESSOR_CONFIG, read_clip_config(path).vision_config.image_size)
+    if path.is_file() or str(source) == f"{RADCLIP_REPO}/{RADCLIP_FILE}":
+        return clip_processor_config(read_clip_config(config or "clip-vit-large-patch14").vision_config.image_size)
+    if _looks_like_path(str(source)) or not _HUB_ID.match(str(source)):
+        raise RadCLIPError(f"model not found: {source}")
+    size = read_clip_config(_hub_file(str(source), "config.json", _offline(offline), cache_dir)).vision_config.image_size
+    folder = _cached_snapshot(str(source), cache_dir)
+    processor = (folder / PROCESSOR_CONFIG if folder is not None and (folder / PROCESSOR_CONFIG).exists()
+                 else _optional_hub_file(str(source), PROCESSOR_CONFIG, cache_dir) if not _offline(offline) else None)
+    return _processor_preprocessing(processor, size)
+
+
 def _offline(offline):
     if offline is not None:
         return bool(offline)
@@ -108,7 +134,22 @@ def _with_pooling(model: RadCLIPModel, pooling):
 # --------------------------------------------------------------------------- source 1
 def _load_hf_dir(path: Path, kwargs, source=None) -> RadCLIPModel:
     clip, tokenizer = _load_clip_folder(path)
-    return RadCLIPModel(clip, tokenizer, source=source or str(path), **kwargs)
+    preprocess = _processor_preprocessing(path / PROCESSOR_CONFIG, clip.config.vision_config.image_size)
+    return RadCLIPModel(clip, tokenizer, preprocess=preprocess, source=source or str(path), **kwargs)
+
+
+def _processor_preprocessing(file: Path | None, image_size: int) -> PreprocessConfig:
+    """A Hugging Face CLIP model is fed as its `preprocessor_config.json` says (CLIP's defaults
+    without one), on 8-bit images: as it was trained."""
+    if file is None or not file.exists():
+        return clip_processor_config(image_size)
+    data = read_json(file, f"'{file}'")
+    if not isinstance(data, dict):
+        raise RadCLIPError(f"'{file}' must hold a JSON object, got {shown(data)}")
+    try:
+        return clip_processor_config(image_size, data)
+    except ConfigError as exc:
+        raise RadCLIPError(f"'{file}': {exc}") from None
 
 
 def _require_files(path: Path):
@@ -194,7 +235,22 @@ def _load_hub(repo: str, offline: bool, cache_dir, kwargs) -> RadCLIPModel:
         tokenizer = CLIPTokenizer.from_pretrained(repo, cache_dir=cache_dir)
     except (OSError, ValueError) as exc:
         raise RadCLIPError(f"cannot load the tokenizer of '{repo}': {_first_line(exc)}") from None
-    return RadCLIPModel(clip, _fit_tokenizer(tokenizer, clip, repo), source=repo, **kwargs)
+    processor = _optional_hub_file(repo, PROCESSOR_CONFIG, cache_dir)
+    return RadCLIPModel(clip, _fit_tokenizer(tokenizer, clip, repo), source=repo, **kwargs,
+                        preprocess=_processor_preprocessing(processor, clip.config.vision_config.image_size))
+
+
+def _optional_hub_file(repo, filename, cache_dir) -> Path | None:
+    """A small file the repo may not have (then None); the hub was just reached for the weights."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo, filename, cache_dir=_hub_cache(cache_dir)))
+    except EntryNotFoundError:
+        return None
+    except OSError as exc:  # the hub's HTTP errors are OSErrors
+        raise RadCLIPError(f"cannot download '{filename}' of '{repo}': {_first_line(exc)}") from None
 
 
 def _hub_file(repo, filename, offline, cache_dir) -> Path:

@@ -26,7 +26,7 @@ from .anatomy import pool_anatomies
 from .encoders import image_features, resolve_device, resolve_precision, text_features
 from .errors import RadCLIPError
 from .volume_io import Volume, as_volume
-from .preprocessing import (PLANES, PreprocessConfig, check_volume_shape, fill_skipped_slices, prepare_image,
+from .preprocessing import (PLANES, PreprocessConfig, clip_processor_config, check_volume_shape, fill_skipped_slices, prepare_image,
                             prepare_volume)
 
 log = logging.getLogger("RadCLIPCore")
@@ -84,7 +84,8 @@ class RadCLIPModel:
         self.tokenizer = tokenizer
         self.adapter = adapter.to(self.device, torch.float32).eval() if adapter is not None else None
         self.anatomy_head = anatomy_head.to(self.device, torch.float32).eval() if anatomy_head is not None else None
-        self.preprocess = preprocess or PreprocessConfig(image_size=clip.config.vision_config.image_size)
+        # a CLIP model without recorded preprocessing was trained as CLIP is: its image processor on 8-bit images
+        self.preprocess = preprocess or clip_processor_config(clip.config.vision_config.image_size)
         if temperature is None:
             temperature = float(1.0 / clip.logit_scale.detach().float().exp())
         if not temperature > 0:

@@ -12,13 +12,17 @@ Steps, in order:
 3. **Slices in display convention** (as a radiologist sees them, and as 2D training images are
    stored): axial rows anterior->posterior, columns patient right->left (radiological view);
    coronal and sagittal with superior at the top.
-4. **Intensities.** z-score over the whole volume (the paper's choice), robust to constant
-   volumes (all zeros, no division by zero); NaN/Inf is an error. z is clipped to
-   `±zscore_clip` and mapped linearly to [0, 1].
-5. **Geometry.** Each slice is resized (batched bilinear, antialiased) to fit
-   `image_size x image_size` with its *physical* aspect ratio (pixel spacing) kept, and padded
-   with black; then repeated to 3 channels with the CLIP mean/std.
-2D images take steps 4-5 only (rows and columns as stored).
+4. **Intensities**: the model's intensity policy (`intensity.py`: z-score over the volume or the
+   slice, CT windows in HU, a percentile window, 8-bit min-max) -> `(channels, rows, cols)` in
+   [0, 1]. NaN/Inf is an error.
+5. **Geometry**: `letterbox` resizes each slice (batched bilinear, antialiased) to fit
+   `image_size x image_size` with its *physical* aspect ratio (pixel spacing) kept, padded with
+   black; `crop` is CLIP's image processor (shortest edge resized to `resize` with `resample`, then
+   the centre `image_size` square; transformers' `CLIPImageProcessorPil` does it, on square pixels
+   and 8 bits, so a model sees exactly what its processor gave it in training). Then CLIP's
+   per-channel mean/std (one channel is repeated to three).
+2D images take steps 4-5 only (rows and columns as stored); an 8-bit 2D image is a display image
+whose pixel / 255 is step 4's result under every policy (see `intensity.py`).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import json
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,12 +38,15 @@ import torch
 import torch.nn.functional as F
 
 from .errors import RadCLIPError
+from .intensity import (CT_WINDOWS, DEFAULT_WINDOWS, POLICIES, WINDOWED, VolumeStats, display_unit, policy_label,
+                        to_unit, volume_stats)
 from .volume_io import Volume, ijk_axis
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PLANES = ("axial", "coronal", "sagittal")
-_STATS_CHUNK = 16  # slices per chunk when streaming statistics over big volumes
+GEOMETRIES = ("letterbox", "crop")
+PIL_BICUBIC = 3  # PIL's resampling codes: 0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming
 
 
 class ConfigError(RadCLIPError, ValueError):
@@ -104,10 +112,20 @@ def check_numbers(key: str, value, count: int, positive: bool = False) -> tuple:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
+    """Everything between a file's voxels and the encoder's input: recorded in a model folder
+    (`radclip_config.json`, "preprocessing") and applied the same way by every path. A folder
+    without `intensity`/`geometry` was trained with the defaults (the paper's z-score, letterbox)."""
+
     image_size: int = 224
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
     zscore_clip: float = 3.0
+    intensity: str = "zscore-volume"  # one of intensity.POLICIES
+    windows: tuple = ()  # CT windows (names of intensity.CT_WINDOWS or [level, width] in HU), windowed policies
+    percentiles: tuple = (0.5, 99.5)  # the percentile window
+    geometry: str = "letterbox"  # or "crop" (CLIP's image processor)
+    resize: int | None = None  # crop: the shortest edge before the centre crop (default image_size)
+    resample: int = PIL_BICUBIC  # crop: PIL's resampling filter
 
     def __post_init__(self):
         # Checked here so that every way of making one (a model folder, code, training options)
@@ -117,13 +135,112 @@ class PreprocessConfig:
         fix(self, "mean", check_numbers("preprocessing.mean", self.mean, 3))
         fix(self, "std", check_numbers("preprocessing.std", self.std, 3, positive=True))
         fix(self, "zscore_clip", check_number("preprocessing.zscore_clip", self.zscore_clip, positive=True))
+        if self.intensity not in POLICIES:
+            raise ConfigError(f"'preprocessing.intensity' must be one of {', '.join(POLICIES)}, got {shown(self.intensity)}")
+        fix(self, "windows", _check_windows(self.windows, self.intensity))
+        lo, hi = check_numbers("preprocessing.percentiles", self.percentiles, 2)
+        if not 0 <= lo < hi <= 100:
+            raise ConfigError(f"'preprocessing.percentiles' must be two numbers 0 <= low < high <= 100, "
+                              f"got {shown(list(self.percentiles))}")
+        fix(self, "percentiles", (lo, hi))
+        if self.geometry not in GEOMETRIES:
+            raise ConfigError(f"'preprocessing.geometry' must be letterbox or crop, got {shown(self.geometry)}")
+        if self.geometry == "crop":
+            fix(self, "resize", check_int("preprocessing.resize", self.image_size if self.resize is None
+                                          else self.resize, self.image_size))
+            fix(self, "resample", check_int("preprocessing.resample", self.resample, 0))
+            if self.resample > 5:
+                raise ConfigError(f"'preprocessing.resample' must be a PIL filter code 0-5, got {shown(self.resample)}")
+        elif self.resize is not None:
+            raise ConfigError("'preprocessing.resize' applies to the crop geometry only")
 
     def to_dict(self):
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out = {}
+        for k, v in asdict(self).items():
+            if k == "windows":
+                v = [w if isinstance(w, str) else list(w) for w in v]
+            out[k] = list(v) if isinstance(v, tuple) else v
+        return out
 
     @classmethod
     def from_dict(cls, data):
         return cls(**check_section("preprocessing", data, cls))
+
+    @property
+    def channels(self) -> int:
+        return len(self.windows) if self.intensity in WINDOWED else 1
+
+    @property
+    def intensity_label(self) -> str:
+        """e.g. `ct-window:lung,mediastinum,bone`: what an exported 8-bit image was made with."""
+        return policy_label(self)
+
+    def describe(self) -> str:
+        shape = (f"CLIP crop {self.image_size} px from a shortest edge of {self.resize}" if self.geometry == "crop"
+                 else f"letterbox {self.image_size} px")
+        return f"{self.intensity_label}, {shape}"
+
+
+def _check_windows(windows, intensity) -> tuple:
+    if intensity not in WINDOWED:
+        if windows:
+            raise ConfigError(f"'preprocessing.windows' applies to the CT-window policies only, not {intensity}")
+        return ()
+    windows = DEFAULT_WINDOWS if not windows else windows
+    if isinstance(windows, str) or not isinstance(windows, (list, tuple)) or len(windows) not in (1, 3):
+        raise ConfigError(f"'preprocessing.windows' must be 1 or 3 windows, got {shown(windows)}")
+    out = []
+    for w in windows:
+        if isinstance(w, str) and w in CT_WINDOWS:
+            out.append(w)
+            continue
+        if isinstance(w, str):
+            raise ConfigError(f"'preprocessing.windows' has unknown window {shown(w)} "
+                              f"(known: {', '.join(CT_WINDOWS)}, or [level, width] in HU)")
+        level, width = check_numbers("preprocessing.windows", w, 2)
+        if width <= 0:
+            raise ConfigError(f"'preprocessing.windows' width must be positive, got {shown(list(w))}")
+        out.append((level, width))
+    return tuple(out)
+
+
+def with_policy(base: PreprocessConfig, intensity=None, windows=None, percentiles=None,
+                geometry=None) -> PreprocessConfig:
+    """`base` with the parts given replaced (None keeps base's): how training and export-slices
+    choose a policy other than the starting model's. A new intensity policy starts from its own
+    default windows; a new geometry from its own default resize."""
+    changes = {}
+    if intensity is not None and intensity != base.intensity:
+        changes.update(intensity=intensity, windows=())
+    if windows is not None:
+        changes["windows"] = tuple(windows)
+    if percentiles is not None:
+        changes["percentiles"] = tuple(percentiles)
+    if geometry is not None and geometry != base.geometry:
+        changes.update(geometry=geometry, resize=None)
+    return replace(base, **changes)
+
+
+def option_named(exc: ConfigError) -> str:
+    """A preprocessing setting's error as the command-line option that gave it ('--windows ...')."""
+    return str(exc).replace("'preprocessing.", "'--", 1)
+
+
+def clip_processor_config(image_size: int, processor: dict | None = None) -> PreprocessConfig:
+    """How a Hugging Face CLIP model was trained: its `preprocessor_config.json` (or, without one,
+    CLIP's own defaults) on 8-bit images. Raises ConfigError for a processor we cannot reproduce."""
+    p = processor or {}
+    size = p.get("size", {"shortest_edge": image_size})
+    shortest = size if isinstance(size, int) else size.get("shortest_edge") if isinstance(size, dict) else None
+    crop = p.get("crop_size", image_size)
+    crop = crop.get("height") if isinstance(crop, dict) and crop.get("height") == crop.get("width") else crop
+    if (shortest is None or not p.get("do_resize", True) or not p.get("do_center_crop", True)
+            or crop != image_size or not p.get("do_normalize", True)):
+        raise ConfigError("preprocessor_config.json: only CLIP's shortest-edge resize and a centre crop of the "
+                          f"vision tower's {image_size} px are supported")
+    return PreprocessConfig(image_size=image_size, mean=p.get("image_mean", CLIP_MEAN),
+                            std=p.get("image_std", CLIP_STD), intensity="minmax-8bit", geometry="crop",
+                            resize=shortest, resample=p.get("resample", PIL_BICUBIC))
 
 
 @dataclass
@@ -168,29 +285,60 @@ def choose_plane(spacing, plane="auto") -> str:
             return name
 
 
-def intensity_stats(array: np.ndarray):
-    """(mean, std) over the whole volume in float64, one streamed pass (no full-size copy)."""
-    total = total_sq = 0.0
-    for start in range(0, array.shape[0], _STATS_CHUNK):
-        chunk = array[start:start + _STATS_CHUNK]
-        if np.issubdtype(chunk.dtype, np.floating) and not np.all(np.isfinite(chunk)):
-            raise RadCLIPError("the image contains NaN or infinite values; fix or mask them first")
-        flat = chunk.astype(np.float64).ravel()
-        total += flat.sum()
-        total_sq += flat @ flat
-    mean = total / array.size
-    return float(mean), float(np.sqrt(max(total_sq / array.size - mean * mean, 0.0)))
-
-
-def slices_to_unit(slices: np.ndarray, stats, pixel_spacing, config: PreprocessConfig) -> torch.Tensor:
-    """`(N, rows, cols)` slices -> `(N, 1, size, size)` float32 in [0, 1] (steps 4-5 before CLIP's
-    channel normalisation); batched torch ops."""
-    mean, std = stats
+def slices_to_unit(slices: np.ndarray, stats: VolumeStats, pixel_spacing, config: PreprocessConfig) -> torch.Tensor:
+    """`(N, rows, cols)` slices -> `(N, channels, size, size)` float32 in [0, 1] (steps 4-5 before
+    CLIP's channel normalisation); batched."""
     x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
-    c = float(config.zscore_clip)
-    z = (x - mean) / std if std > 0 else torch.zeros_like(x)
-    x = ((z.clamp_(-c, c) + c) / (2 * c)).unsqueeze(1)
-    return letterbox(x, pixel_spacing, int(config.image_size))
+    return to_geometry(to_unit(x, stats, config), pixel_spacing, config)
+
+
+def to_geometry(x: torch.Tensor, pixel_spacing, config: PreprocessConfig) -> torch.Tensor:
+    """`(N, C, rows, cols)` in [0, 1] -> `(N, C, size, size)`: step 5 before the channel normalisation."""
+    if config.geometry == "letterbox":
+        return letterbox(x, pixel_spacing, config.image_size)
+    x = square_pixels(x, pixel_spacing)
+    channels = x.shape[1]
+    eight_bit = x.mul(255).round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
+    out = _clip_processor(config.resize, config.image_size, config.resample)(
+        images=list(eight_bit.permute(0, 2, 3, 1).numpy()), input_data_format="channels_last",
+        return_tensors="np")["pixel_values"]
+    return torch.from_numpy(np.ascontiguousarray(out[:, :channels]))
+
+
+@lru_cache(maxsize=8)
+def _clip_processor(resize: int, crop: int, resample: int):
+    """transformers' CLIP image processor (the PIL one: the same numbers with or without
+    torchvision), without its normalisation, which `unit_to_clip` applies."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop},
+                                 resample=resample, do_normalize=False, do_convert_rgb=False)
+
+
+def square_pixels(x: torch.Tensor, pixel_spacing) -> torch.Tensor:
+    """Resample `(N, C, rows, cols)` to square pixels at the finer spacing (a no-op for square ones)."""
+    row_mm, col_mm = (float(v) for v in pixel_spacing)
+    fine = min(row_mm, col_mm)
+    if max(row_mm, col_mm) <= fine * 1.01:
+        return x
+    rows, cols = x.shape[-2:]
+    size = (max(1, round(rows * row_mm / fine)), max(1, round(cols * col_mm / fine)))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def mask_geometry(mask: torch.Tensor, pixel_spacing, config: PreprocessConfig) -> torch.Tensor:
+    """`(N, 1, rows, cols)` binary masks -> `(N, 1, size, size)`: each output pixel's coverage by
+    the mask, placed as `to_geometry` places the slice (anatomy pooling reads it per patch)."""
+    if config.geometry == "letterbox":
+        return letterbox(mask, pixel_spacing, config.image_size)
+    mask = square_pixels(mask, pixel_spacing)
+    rows, cols = mask.shape[-2:]
+    short, long = sorted((rows, cols))
+    new_long = int(config.resize * long / short)  # the processor's rounding (get_resize_output_image_size)
+    size = (config.resize, new_long) if rows <= cols else (new_long, config.resize)
+    mask = F.interpolate(mask, size=size, mode="bilinear", align_corners=False, antialias=True)
+    top, left = (size[0] - config.image_size) // 2, (size[1] - config.image_size) // 2
+    return mask[..., top:top + config.image_size, left:left + config.image_size]
 
 
 def letterbox(x: torch.Tensor, pixel_spacing, size: int) -> torch.Tensor:
@@ -208,7 +356,7 @@ def letterbox(x: torch.Tensor, pixel_spacing, size: int) -> torch.Tensor:
 
 
 def unit_to_clip(x: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
-    """`(N, 1, S, S)` in [0, 1] -> `(N, 3, S, S)` with CLIP's per-channel mean/std."""
+    """`(N, 1 or 3, S, S)` in [0, 1] -> `(N, 3, S, S)` with CLIP's per-channel mean/std."""
     mean_c = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_c = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x.float() - mean_c) / std_c
@@ -227,7 +375,7 @@ class PreparedVolume:
     plane: str
     axis: int  # canonical numpy axis of the slices
     sampled: np.ndarray  # canonical slice indices that are embedded (all, or evenly spaced)
-    stats: tuple
+    stats: VolumeStats | None  # None: a view for showing slices, not for embedding them
     config: PreprocessConfig
 
     @property
@@ -250,10 +398,16 @@ class PreparedVolume:
         block = np.moveaxis(block, self.axis, 0)
         return block[:, ::-1, :] if self.axis in (1, 2) else block
 
-    def pixel_batches(self, batch_size: int):
+    def unit_batches(self, batch_size: int):
+        """The sampled slices as the encoder sees them before CLIP's normalisation, `(B, channels,
+        size, size)` in [0, 1], batch by batch."""
         for start in range(0, len(self.sampled), batch_size):
             idx = self.sampled[start:start + batch_size]
-            yield slices_to_pixels(self.slices(idx), self.stats, self.pixel_spacing, self.config)
+            yield slices_to_unit(self.slices(idx), self.stats, self.pixel_spacing, self.config)
+
+    def pixel_batches(self, batch_size: int):
+        for unit in self.unit_batches(batch_size):
+            yield unit_to_clip(unit, self.config)
 
     def input_index(self, canonical_index: int) -> int:
         """The input array's slice number of canonical slice `canonical_index`: the one place where
@@ -317,30 +471,65 @@ def view_volume(volume: Volume, plane="auto", max_slices=None, config=Preprocess
 def prepare_volume(volume: Volume, plane="auto", max_slices=None, config=PreprocessConfig()) -> PreparedVolume:
     """`view_volume` plus the volume's intensity statistics: ready to be embedded."""
     view = view_volume(volume, plane, max_slices, config)
-    return replace(view, stats=intensity_stats(volume.array))
+    return replace(view, stats=volume_stats(volume.array, config))
 
 
 def prepare_image(volume: Volume, config=PreprocessConfig(), unit=False) -> torch.Tensor:
-    """A 2D image (a `Volume` one slice thick) -> `(1, 3, size, size)` (or `(1, 1, size, size)` in
-    [0, 1] with `unit=True`); rows/columns as stored."""
+    """A 2D image (a `Volume` one slice thick) -> `(1, 3, size, size)` (or `(1, channels, size,
+    size)` in [0, 1] with `unit=True`); rows/columns as stored. An 8-bit image is a display image
+    (pixel / 255, see `intensity.py`); any other goes through the intensity policy."""
     if volume.array.size == 0:
         raise RadCLIPError(f"the image is empty (shape {volume.array.shape})")
     if volume.array.shape[0] != 1:
         raise RadCLIPError(
             f"expected a 2D image, got a volume of {volume.array.shape[0]} slices: use embed_volume")
     spacing = (volume.spacing[1], volume.spacing[0])  # (row, col) = (j, i)
-    x = slices_to_unit(volume.array, intensity_stats(volume.array), spacing, config)
+    if is_display_image(volume):
+        colour = volume.color is not None and config.channels == 3
+        x = display_unit(volume.color if colour else volume.array, config)
+    else:
+        x = to_unit(torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32)),
+                    volume_stats(volume.array, config), config)
+    x = to_geometry(x, spacing, config)
     return x if unit else unit_to_clip(x, config)
+
+
+def is_display_image(volume: Volume) -> bool:
+    """An 8-bit 2D image: it holds display values, not the scanner's (see `intensity.py`)."""
+    return volume.array.shape[0] == 1 and volume.array.dtype == np.uint8
+
+
+def display_image_problem(declared: str | None, config: PreprocessConfig) -> str | None:
+    """Why an 8-bit image, made with the intensity policy `declared` (a manifest's `intensity`
+    column; None = not said), cannot stand for what this model sees; None when it can."""
+    if declared == config.intensity_label or (declared is None and config.intensity == "minmax-8bit"):
+        return None
+    if declared is None:
+        return (f"an 8-bit image holds display values, but the model's intensity policy is "
+                f"{config.intensity_label}: export the slices with export-slices (it fills the 'intensity' "
+                "column) or list the volume and slice instead")
+    return f"the image was made with intensity policy {declared}, the model's is {config.intensity_label}"
+
+
+def row_image_unit(volume: Volume, declared: str | None, config: PreprocessConfig) -> torch.Tensor:
+    """A manifest's 2D image -> `(1, channels, size, size)` in [0, 1]; an 8-bit image made with
+    another intensity policy than the model's (`declared`: the row's `intensity`) is refused, so a
+    training set never mixes two contracts silently."""
+    if is_display_image(volume):
+        problem = display_image_problem(declared, config)
+        if problem:
+            raise RadCLIPError(problem)
+    return prepare_image(volume, config, unit=True)
 
 
 def prepare_slice(volume: Volume, index: int, plane="auto", config=PreprocessConfig()) -> torch.Tensor:
     """Slice `index` of a volume (counted along `plane` in the input array's order, as
-    `VolumeEmbedding.slice_weights`) -> `(1, 1, size, size)` in [0, 1], z-scored over the volume."""
+    `VolumeEmbedding.slice_weights`) -> `(1, channels, size, size)` in [0, 1], as inside the volume."""
     return slice_unit(prepare_volume(volume, plane, None, config), index)
 
 
 def slice_unit(prepared: PreparedVolume, index: int) -> torch.Tensor:
-    """Input slice `index` of an already prepared volume -> `(1, 1, size, size)` in [0, 1] (prepare
+    """Input slice `index` of an already prepared volume -> `(1, channels, size, size)` in [0, 1] (prepare
     a volume once when many of its slices are needed)."""
     if not 0 <= index < prepared.n_slices:
         raise RadCLIPError(f"slice {index} is outside the volume's {prepared.n_slices} {prepared.plane} slices")

@@ -36,6 +36,7 @@ class Volume:
     spacing: tuple = (1.0, 1.0, 1.0)  # mm, (i, j, k)
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))  # LPS, columns = i, j, k
     origin: tuple = (0.0, 0.0, 0.0)  # mm, LPS
+    color: np.ndarray | None = None  # (rows, cols, 3) uint8 of a colour 8-bit 2D image; `array` is its luminance
 
     @classmethod
     def from_array(cls, array, spacing=None, direction=None, origin=None) -> "Volume":
@@ -196,10 +197,13 @@ def _to_volume(image: sitk.Image, path: Path) -> Volume:
         raise RadCLIPError(
             f"'{path.name}' is {dim}D (size {image.GetSize()}): RadCLIP takes one 3D volume; extract one time point or channel first")
     ncomp = image.GetNumberOfComponentsPerPixel()
+    color = None
     if ncomp > 1:
         if dim == 2 and ncomp in (3, 4):  # RGB(A) photo / screenshot of a radiograph: luminance
-            rgb = sitk.GetArrayFromImage(image)[..., :3].astype(np.float32)
-            array = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            rgb = sitk.GetArrayFromImage(image)[..., :3]
+            array = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            if rgb.dtype == np.uint8:  # an 8-bit display image stays one (see intensity.py), colours kept
+                array, color = np.round(array).astype(np.uint8), rgb
             image = _copy_geometry(sitk.GetImageFromArray(array), image)
         else:
             raise RadCLIPError(
@@ -210,7 +214,7 @@ def _to_volume(image: sitk.Image, path: Path) -> Volume:
     if array.size == 0:
         raise RadCLIPError(f"'{path.name}' is empty (size {image.GetSize()})")
     return Volume(array, tuple(image.GetSpacing()), np.asarray(image.GetDirection(), dtype=float).reshape(3, 3),
-                  tuple(image.GetOrigin()))
+                  tuple(image.GetOrigin()), color)
 
 
 def _copy_geometry(dst: sitk.Image, src: sitk.Image) -> sitk.Image:

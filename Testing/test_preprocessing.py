@@ -7,7 +7,8 @@ import SimpleITK as sitk
 import torch
 
 from RadCLIPCore import PreprocessConfig, RadCLIPError, Volume, read_volume
-from RadCLIPCore.preprocessing import (canonicalize, choose_plane, evenly_spaced, intensity_stats, prepare_volume,
+from RadCLIPCore.intensity import VolumeStats, volume_stats
+from RadCLIPCore.preprocessing import (canonicalize, choose_plane, evenly_spaced, prepare_volume,
                                        slices_to_pixels)
 
 
@@ -67,7 +68,8 @@ def test_slices_in_display_convention(mni):
 
 def test_zscore_statistics_stream_without_a_float64_copy(chest_ct):
     vol = read_volume(chest_ct)
-    mean, std = intensity_stats(vol.array)
+    stats = volume_stats(vol.array, PreprocessConfig())
+    mean, std = stats.mean, stats.std
     np.testing.assert_allclose([mean, std], [vol.array.mean(dtype=np.float64), vol.array.std(dtype=np.float64)],
                                rtol=1e-6)
 
@@ -76,7 +78,7 @@ def test_constant_volume_works_and_is_finite():
     prepared = prepare_volume(Volume.from_array(np.full((5, 16, 16), 7.0)))
     pixels = next(prepared.pixel_batches(8))
     assert torch.isfinite(pixels).all()
-    assert prepared.stats[1] == 0
+    assert prepared.stats.std == 0
 
 
 def test_nan_and_inf_are_errors():
@@ -106,7 +108,7 @@ def test_batched_resize_equals_one_slice_at_a_time(chest_ct):
 def test_physical_aspect_ratio_is_kept_and_padded_black():
     cfg = PreprocessConfig(image_size=64)
     # 40 x 40 pixels of 2 mm x 1 mm: 80 mm tall, 40 mm wide -> 64 x 32 content, black bars left/right
-    out = slices_to_pixels(np.ones((1, 40, 40)) * np.arange(40)[None, :, None], (20.0, 11.0), (2.0, 1.0), cfg)
+    out = slices_to_pixels(np.ones((1, 40, 40)) * np.arange(40)[None, :, None], VolumeStats(20.0, 11.0, 0.0), (2.0, 1.0), cfg)
     unnormalised = out[0, 0] * cfg.std[0] + cfg.mean[0]
     cols_with_content = (unnormalised > 1e-6).any(dim=0).nonzero().flatten()
     assert cols_with_content.min() == 16 and cols_with_content.max() == 47  # 32 columns, centred
@@ -115,7 +117,7 @@ def test_physical_aspect_ratio_is_kept_and_padded_black():
 
 def test_three_channels_with_clip_mean_and_std():
     cfg = PreprocessConfig(image_size=32)
-    out = slices_to_pixels(np.zeros((2, 32, 32)), (0.0, 1.0), (1.0, 1.0), cfg)  # z = 0 -> 0.5 grey
+    out = slices_to_pixels(np.zeros((2, 32, 32)), VolumeStats(0.0, 1.0, 0.0), (1.0, 1.0), cfg)  # z = 0 -> 0.5 grey
     expected = (0.5 - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
     torch.testing.assert_close(out[0, :, 5, 5], expected.float())
 
