@@ -11,7 +11,7 @@ import torch
 from .errors import RadCLIPError
 from .volume_io import read_volume
 from .manifests import Manifest
-from .preprocessing import prepare_image, prepare_volume, slice_unit, unit_to_clip
+from .preprocessing import prepare_volume, row_image_unit, slice_unit, unit_to_clip
 
 
 class Split(NamedTuple):
@@ -61,7 +61,7 @@ def positive_groups(text_index: dict, normal_pattern: str | None) -> torch.Tenso
 
 # --------------------------------------------------------------------------- stage 1
 class ImageTextDataset(torch.utils.data.Dataset):
-    """Stage 1: 2D images (or volume slices) preprocessed once, kept as float16 [0, 1] single channel."""
+    """Stage 1: 2D images (or volume slices) preprocessed once, kept as float16 [0, 1] (1 or 3 channels)."""
 
     def __init__(self, samples, text_index: dict, config, manifest):
         """`manifest.reject(sample, reason)` hears of the rows whose image cannot be used."""
@@ -70,7 +70,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         for s in samples:
             try:
                 if s.slice is None:
-                    unit = prepare_image(read_volume(s.image), config, unit=True)
+                    unit = row_image_unit(read_volume(s.image), s.intensity, config)
                 else:
                     key = (s.image, s.plane)
                     if key not in prepared:  # read and z-score a volume once for all its listed slices

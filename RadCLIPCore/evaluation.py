@@ -32,7 +32,7 @@ from .manifests import read_manifest
 from .metrics import auc_with_ci, bootstrap_macro_auc, linear_probe, matching_top1, require_sklearn, retrieval_recall
 from .model import prompt_softmax
 from .plotting import plot_confusion, plot_modality_recognition, plot_roc
-from .preprocessing import prepare_slice, unit_to_clip
+from .preprocessing import prepare_slice, row_image_unit, unit_to_clip
 from .presets import DEFAULT_MODEL, DISTRACTORS
 from .reports import finding_truth, read_lexicon
 
@@ -63,11 +63,9 @@ def extract_features(model, samples, cache=None, poolings=("mean", "adapter")) -
     for s in samples:
         volume = read_volume(s.image)
         if s.slice is not None or volume.array.shape[0] == 1:
-            if s.slice is not None:
-                pixels = unit_to_clip(prepare_slice(volume, s.slice, s.plane, model.preprocess), model.preprocess)
-                images.append(model.encode_pixels(pixels)[0].cpu().numpy())
-            else:
-                images.append(model.embed_image(volume))
+            unit = (prepare_slice(volume, s.slice, s.plane, model.preprocess) if s.slice is not None
+                    else row_image_unit(volume, s.intensity, model.preprocess))
+            images.append(model.encode_pixels(unit_to_clip(unit, model.preprocess))[0].cpu().numpy())
             continue
         slices = cache.get(s.image).float() if cache is not None else model.embed_slices(volume).embeddings
         for p in poolings:

@@ -25,7 +25,7 @@ from .errors import RadCLIPError
 from .fileutil import atomic_write_text
 
 SPLITS = ("train", "val", "test")
-FIELDS = ("image", "text", "region", "modality", "condition", "split", "label", "slice", "plane", "mask")
+FIELDS = ("image", "text", "region", "modality", "condition", "split", "label", "slice", "plane", "mask", "intensity")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Sample:
     plane: str = "auto"
     row: int = 0  # 1-based line of the manifest where the row starts, for messages
     mask: Path | None = None  # label map of the anatomies (anatomy-level training)
+    intensity: str | None = None  # the intensity policy an 8-bit image was made with (export-slices fills it)
 
 
 @dataclass
@@ -211,7 +212,7 @@ def _sample(row: dict, root: Path, n: int):
         if not mask.exists():
             return None, f"mask not found: {row.get('mask')}"
     return Sample(path, text, split.lower() if split else None, _clean(row.get("label")), slice_index,
-                  _clean(row.get("plane")) or "auto", n, mask), None
+                  _clean(row.get("plane")) or "auto", n, mask, _clean(row.get("intensity"))), None
 
 
 def write_manifest(path, rows: list[dict]):

@@ -34,6 +34,7 @@ from .loading import load_model, save_model
 from .losses import info_nce
 from .manifests import Manifest, Sample, read_manifest
 from .model import RadCLIPModel
+from .preprocessing import ConfigError, PreprocessConfig, option_named, with_policy
 from .presets import DEFAULT_MODEL
 from .towers import AdapterTower, ImageTower, Temperature
 from .trainer import DistContext, TrainConfig, Trainer, TrainingHooks, setup_distributed, teardown_distributed, unwrap
@@ -95,6 +96,20 @@ class PairStageConfig(StageConfig):
 class Stage1Config(PairStageConfig):
     grad_checkpointing: bool = False
     vision_dropout: float = 0.0  # attention dropout in the vision tower (CLIP was pretrained without it)
+    # the preprocessing the encoder is trained with, recorded in the exported model (None: the
+    # starting model's): intensity.POLICIES, CT windows (names or (level, width) in HU), the
+    # percentile window, and letterbox or crop
+    intensity: str | None = None
+    windows: tuple | None = None
+    percentiles: tuple | None = None
+    geometry: str | None = None
+
+    def preprocessing(self, base: PreprocessConfig) -> PreprocessConfig:
+        """The starting model's preprocessing with the parts these options give replaced."""
+        try:
+            return with_policy(base, self.intensity, self.windows, self.percentiles, self.geometry)
+        except ConfigError as exc:  # named as the option that set it
+            raise RadCLIPError(option_named(exc)) from None
 
 
 @dataclass(kw_only=True)
@@ -322,6 +337,8 @@ def run_stage1(config: Stage1Config, hooks: TrainingHooks | None = None) -> dict
     the exported folder. Launched by torchrun, every process calls this."""
     with pair_stage(config, hooks) as (ctx, hooks, setup, texts):
         model = setup.model
+        model.preprocess = config.preprocessing(model.preprocess)
+        hooks.message(f"preprocessing: {model.preprocess.describe()}")
         clip = model.clip
         if config.vision_dropout:
             clip.vision_model.config.attention_dropout = config.vision_dropout

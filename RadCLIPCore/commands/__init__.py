@@ -1,13 +1,13 @@
 """The command layer: turns arguments into configs and owns printing, progress bars and exit codes.
 No library module imports it (Testing/test_architecture.py checks that).
 
-    python -m RadCLIPCore rank|embed|evaluate|serve|pretrain-2d|pretrain-adapter|pretrain-anatomy ...
+    python -m RadCLIPCore rank|embed|export-slices|evaluate|serve|pretrain-2d|pretrain-adapter|pretrain-anatomy ...
 """
 from __future__ import annotations
 
 import sys
 
-from . import evaluate, inference, serve, train
+from . import evaluate, export, inference, serve, train
 from .common import OneLineParser, guarded
 
 TRAINING = {"pretrain-2d": train.main_stage1, "pretrain-adapter": train.main_stage2,
@@ -19,6 +19,7 @@ def build_parser():
                            description="Radiology vision-language models (RadCLIP) on the command line.")
     sub = parser.add_subparsers(dest="command", required=True)
     inference.add_parsers(sub)
+    export.add_parser(sub)
     evaluate.add_arguments(sub.add_parser("evaluate", help="linear probe, image-text matching, zero-shot AUC, "
                                                           "retrieval and the encoder x pooling ablation"))
     worker = sub.add_parser("serve", help="worker process for the Slicer module: JSON lines on stdin/stdout",

@@ -13,6 +13,8 @@ import sys
 from contextlib import contextmanager
 
 from ..errors import RadCLIPError
+from ..intensity import CT_WINDOWS, DEFAULT_WINDOWS, POLICIES
+from ..preprocessing import GEOMETRIES
 
 EXIT_USER_ERROR = 2
 
@@ -96,3 +98,36 @@ def guarded(run) -> int:
         logger.handlers[:], logger.level, logger.propagate = saved
 
 
+def add_preprocessing_options(p, default: str):
+    """--intensity, --windows, --percentiles, --geometry (README: How volumes are processed)."""
+    g = p.add_argument_group(f"preprocessing (default: {default})")
+    g.add_argument("--intensity", choices=POLICIES, help="intensity policy (README: How volumes are processed)")
+    g.add_argument("--windows", type=_windows, metavar="W[,W,W]",
+                   help=f"CT windows, 1 or 3 (three become the channels): {', '.join(CT_WINDOWS)} or LEVEL/WIDTH "
+                        f"in HU; default {','.join(DEFAULT_WINDOWS)}")
+    g.add_argument("--percentiles", type=_percentiles, metavar="LOW,HIGH", help="the percentile window (0.5,99.5)")
+    g.add_argument("--geometry", choices=GEOMETRIES,
+                   help="letterbox (physical aspect kept, padded) or crop (CLIP's shortest-edge resize and centre crop)")
+
+
+def _windows(text: str) -> tuple:
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if "/" in item:
+            try:
+                level, width = (float(v) for v in item.split("/"))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"'{item}' is not LEVEL/WIDTH in HU") from None
+            out.append((level, width))
+        else:
+            out.append(item)
+    return tuple(out)
+
+
+def _percentiles(text: str) -> tuple:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not LOW,HIGH (e.g. 0.5,99.5)") from None
+    return low, high

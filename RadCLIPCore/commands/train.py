@@ -17,7 +17,7 @@ from ..preprocessing import PLANES
 from ..presets import DEFAULT_MODEL
 from ..stages import LOSSES, Stage1Config, Stage2Config, run_stage1, run_stage2
 from ..trainer import TrainingHooks
-from .common import OneLineParser, guarded, progress_bar
+from .common import OneLineParser, add_preprocessing_options, guarded, progress_bar
 
 STAGE1 = "RadCLIP stage 1: fine-tune CLIP's image encoder on 2D image-text pairs, text encoder frozen."
 STAGE2 = "RadCLIP stage 2: train the slice-pooling adapter on 3D volume-text pairs, both encoders frozen."
@@ -125,6 +125,7 @@ def _stage1_options(p):
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--vision-dropout", type=float, default=0.0,
                    help="attention dropout in the vision tower (default 0: CLIP was pretrained without it)")
+    add_preprocessing_options(p, "the starting model's; recorded in the exported model")
 
 
 def _stage2_options(p):
