@@ -3,7 +3,9 @@
     python Training/demo.py [--output outputs/demo] [--quick]
 
 1. builds 2D and 3D manifests from the packaged volumes (Training/demo_data.py): augmented copies
-   of each volume, split by copy into train / val / test, slices in all three planes;
+   of each volume, split by copy into train / val / test, slices in all three planes exported as
+   the model sees them (`export_slices`): CT in HU windows (lung, brain, bone as the three
+   channels), MR in its percentile window (`DEMO_POLICY`);
 2. stage 1: fine-tunes the image encoder of a small, randomly initialised CLIP on the slices
    (text encoder frozen);
 3. stage 2: trains the slice-pooling adapter on the volumes from the slice-embedding cache;
@@ -33,7 +35,7 @@ from RadCLIPCore.manifests import read_manifest  # noqa: E402
 from RadCLIPCore.plotting import plot_attention  # noqa: E402
 from RadCLIPCore.presets import DISTRACTORS  # noqa: E402
 from RadCLIPCore.stages import Stage1Config, Stage2Config, run_stage1, run_stage2  # noqa: E402
-from Training.demo_data import build  # noqa: E402
+from Training.demo_data import DEMO_POLICY, build  # noqa: E402
 
 
 def evaluate(model_dir, volumes_csv, labels):
@@ -67,12 +69,13 @@ def main(argv=None) -> int:
         slices_csv, volumes_csv, sources = build(out / "data", copies=copies, size=64, per_plane=4, seed=args.seed)
         labels = sorted({s.text for s in sources})
         print(f"    sources: {', '.join(f'{s.name} ({s.text})' for s in sources)}")
-        print("2/4 stage 1: fine-tuning the image encoder on 2D slices (text encoder frozen) ...", flush=True)
+        print("2/4 stage 1: fine-tuning the image encoder on 2D slices (text encoder frozen); preprocessing: CT "
+              f"windows {', '.join(DEMO_POLICY['windows'])} (HU), MR percentile window ...", flush=True)
         with console_hooks(epochs1) as hooks:
             s1 = run_stage1(Stage1Config(
                 train_manifest=slices_csv, output=out / "stage1", init_config="clip-tiny", epochs=epochs1,
                 batch_size=32, lr=1e-3, warmup_steps=20, patience=10, temperature=0.02, learn_temperature=True,
-                seed=args.seed), hooks)
+                seed=args.seed, **DEMO_POLICY), hooks)
         print("3/4 stage 2: training the slice-pooling adapter from the slice-embedding cache ...", flush=True)
         with console_hooks(epochs2) as hooks:
             s2 = run_stage2(Stage2Config(
