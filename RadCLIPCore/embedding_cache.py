@@ -66,12 +66,20 @@ class SliceEmbeddingCache:
 
     def get(self, path: Path) -> torch.Tensor:
         """(slices, dim) float16 in canonical slice order (the order the adapter sees at inference)."""
+        return self._fill(path)[1]
+
+    def entry(self, path: Path) -> Path:
+        """The cache file holding `get(path)` (filled if need be): training keeps the file's name,
+        not its tensor, and reads it when the volume is drawn."""
+        return self._fill(path)[0]
+
+    def _fill(self, path: Path) -> tuple[Path, torch.Tensor]:
         target = self.root / f"{self.key(path)}.safetensors"
         if target.exists():
             try:
                 slices = load_file(str(target))["slices"]
                 self.reused += 1
-                return slices
+                return target, slices
             except Exception:  # a damaged cache entry is recomputed, not trusted
                 target.unlink(missing_ok=True)
         slices = self.model.embed_slices(read_volume(path), self.plane, self.max_slices).embeddings
@@ -79,7 +87,7 @@ class SliceEmbeddingCache:
         with atomic_path(target) as tmp:
             save_file({"slices": slices}, str(tmp))
         self.computed += 1
-        return slices
+        return target, slices
 
 
 class AnatomyFeatureCache(SliceEmbeddingCache):

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from .adapter import AdapterConfig, SlicePoolingAdapter
 from .datasets import (ImageTextDataset, Split, VolumeTextDataset, collate_images, collate_volumes, positive_groups,
                        split_samples)
+from .shards import ShardDataset, ShardIndex, ShardSampler, index_path, is_shard_index, pack_shards, write_index
 from .embedding_cache import SliceEmbeddingCache, weights_fingerprint
 from .encoders import bundled_tokenizer, new_clip_model
 from .errors import RadCLIPError
@@ -37,7 +40,8 @@ from .model import RadCLIPModel
 from .preprocessing import ConfigError, PreprocessConfig, option_named, with_policy
 from .presets import DEFAULT_MODEL
 from .towers import AdapterTower, ImageTower, Temperature
-from .trainer import DistContext, TrainConfig, Trainer, TrainingHooks, setup_distributed, teardown_distributed, unwrap
+from .trainer import (DistContext, TrainConfig, Trainer, TrainingHooks, default_workers, setup_distributed,
+                      teardown_distributed, unwrap)
 
 LOSSES = ("calibrated", "infonce")
 log = logging.getLogger("RadCLIPCore")
@@ -49,7 +53,7 @@ class StageConfig:
     """What every training stage takes. The defaults are the commands' (see their --help); the
     field names are the options' (`batch_size` is --batch-size), except `model_config` (--config)."""
 
-    train_manifest: str | Path  # CSV or JSONL of image,text[,split,label] rows
+    train_manifest: str | Path  # CSV or JSONL of image,text[,split,label] rows (stage 1: or a shard folder)
     output: str | Path  # checkpoints, logs and the final model/ folder
     val_manifest: str | Path | None = None  # default: the 'split' column, else a seeded 10% of the rows
     model: str | Path = DEFAULT_MODEL  # starting model (folder, .pth, hub id)
@@ -69,7 +73,8 @@ class StageConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     seed: int = 0
-    workers: int = 0  # data-loader worker processes
+    workers: int | None = None  # data-loader worker processes (None: trainer.default_workers(), from the cores)
+    max_steps: int | None = None  # stop after this many optimizer steps
     resume: bool = False  # continue from <output>/checkpoints/last.pt
 
     def train_config(self) -> TrainConfig:
@@ -80,7 +85,8 @@ class StageConfig:
             raise RadCLIPError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                            warmup_steps=self.warmup_steps, patience=self.patience, accum_steps=self.accum_steps,
-                           seed=self.seed, num_workers=self.workers)
+                           seed=self.seed, num_workers=default_workers() if self.workers is None else self.workers,
+                           max_steps=self.max_steps)
 
 
 @dataclass(kw_only=True)
@@ -93,12 +99,11 @@ class PairStageConfig(StageConfig):
 
 
 @dataclass(kw_only=True)
-class Stage1Config(PairStageConfig):
-    grad_checkpointing: bool = False
-    vision_dropout: float = 0.0  # attention dropout in the vision tower (CLIP was pretrained without it)
-    # the preprocessing the encoder is trained with, recorded in the exported model (None: the
-    # starting model's): intensity.POLICIES, CT windows (names or (level, width) in HU), the
-    # percentile window, and letterbox or crop
+class PolicyChoice:
+    """The preprocessing a run trains or packs with, recorded in the exported model or the shards
+    (None: the starting model's): intensity.POLICIES, CT windows (names or (level, width) in HU),
+    the percentile window, letterbox or crop."""
+
     intensity: str | None = None
     windows: tuple | None = None
     percentiles: tuple | None = None
@@ -110,6 +115,12 @@ class Stage1Config(PairStageConfig):
             return with_policy(base, self.intensity, self.windows, self.percentiles, self.geometry)
         except ConfigError as exc:  # named as the option that set it
             raise RadCLIPError(option_named(exc)) from None
+
+
+@dataclass(kw_only=True)
+class Stage1Config(PairStageConfig, PolicyChoice):
+    grad_checkpointing: bool = False
+    vision_dropout: float = 0.0  # attention dropout in the vision tower (CLIP was pretrained without it)
 
 
 @dataclass(kw_only=True)
@@ -135,6 +146,7 @@ class StageSetup:
     split: Split
     fingerprint: str
     rejected: set = field(default_factory=set)  # ids of the samples rejected after reading
+    shards: ShardIndex | None = None  # stage 1 from packed shards: rows, split and texts come from the index
 
     def __post_init__(self):
         self._from_val = {id(s) for s in self.val_manifest.samples} if self.val_manifest else set()
@@ -178,7 +190,9 @@ class StageSetup:
 
     def account(self, ctx, validates: bool = True) -> tuple[dict, str]:
         """Warn about the bad rows; return where every manifest row went: the counts (for
-        summary.json) and one line for the user."""
+        summary.json) and one line for the user (shards: as recorded when they were packed)."""
+        if self.shards is not None:
+            return self.shards.data["rows"], self.shards.data["rows_line"]
         manifests = [m for m in (self.manifest, self.val_manifest) if m is not None]
         for m in manifests:
             if m.report() and ctx.main:
@@ -213,11 +227,25 @@ def load_base_model(config: StageConfig, ctx: DistContext) -> RadCLIPModel:
                       config=config.model_config, pooling="mean")
 
 
-def prepare_stage(config: StageConfig, ctx: DistContext) -> StageSetup:
+def prepare_stage(config: StageConfig, ctx: DistContext, shards_ok: bool = False) -> StageSetup:
     """Check the settings (before any work), seed, read the manifests, load and freeze the base
-    model, split the rows."""
+    model, split the rows. With `shards_ok` (stage 1) the training manifest may be a shard folder:
+    its index says the rows, split and texts, and must have the model's preprocessing."""
     config.train_config().check()
     torch.manual_seed(config.seed)
+    if is_shard_index(config.train_manifest):
+        if not shards_ok:
+            raise RadCLIPError(f"{config.train_manifest} holds packed shards, which only stage 1 (pretrain-2d) "
+                               f"reads; give this stage the manifest")
+        if config.val_manifest:
+            raise RadCLIPError("--val-manifest does not go with shards: pack-shards split the rows into train and "
+                               "val shards")
+        shards = ShardIndex.open(config.train_manifest)
+        model = load_base_model(config, ctx)
+        shards.check_preprocessing(model.preprocess)
+        model.clip.requires_grad_(False)
+        return StageSetup(Manifest(), None, model, Split([], [], {}, False), weights_fingerprint(model.clip),
+                          shards=shards)
     train_m = read_manifest(config.train_manifest)
     val_m = read_manifest(config.val_manifest) if config.val_manifest else None
     model = load_base_model(config, ctx)
@@ -237,32 +265,33 @@ class PairTexts:
 
 
 def embed_pair_texts(setup: StageSetup, normal_pattern: str | None, ctx: DistContext) -> PairTexts:
-    unique = sorted({s.text for s in setup.train + setup.val})
+    unique = setup.shards.texts if setup.shards is not None else sorted({s.text for s in setup.train + setup.val})
     index = {t: i for i, t in enumerate(unique)}
     groups = positive_groups(index, normal_pattern)
     embeddings = torch.from_numpy(setup.model.embed_texts(unique))
     return PairTexts(index, embeddings.to(ctx.device), groups.to(ctx.device))
 
 
-def check_pair_contrast(setup: StageSetup, ctx, items: dict, texts: PairTexts, config: PairStageConfig) -> bool:
-    """`StageSetup.check_contrast` for items {"train"|"val": [(..., text id)]}: distinct positive
-    groups (calibrated loss) or distinct texts (plain InfoNCE) per split."""
+def check_pair_contrast(setup: StageSetup, ctx, text_ids: dict, texts: PairTexts, config: PairStageConfig) -> bool:
+    """`StageSetup.check_contrast` for the text ids of the rows {"train"|"val": [text id, ...]}:
+    distinct positive groups (calibrated loss) or distinct texts (plain InfoNCE) per split."""
     names = {i: t for t, i in texts.index.items()}
     group = texts.groups.tolist() if config.loss == "calibrated" else list(range(len(names)))
-    kinds = {split: {group[x[-1]]: names[x[-1]] for x in rows} for split, rows in items.items()}
+    kinds = {split: {group[i]: names[i] for i in map(int, ids)} for split, ids in text_ids.items()}
     grouped = " (or one that --normal-pattern groups with it)" if config.normal_pattern else ""
 
     def problem(split, rows):
         return f"every {rows} row has the text '{next(iter(kinds[split].values()), '')}'{grouped}"
 
-    return setup.check_contrast(ctx, len(items["train"]), len(kinds["train"]) > 1,
-                                len(kinds["val"]) > 1 if items["val"] else None,
+    return setup.check_contrast(ctx, len(text_ids["train"]), len(kinds["train"]) > 1,
+                                len(kinds["val"]) > 1 if len(text_ids["val"]) else None,
                                 problem("train", "training") + "; contrastive training needs at least two "
                                 "different texts among the training rows", problem("val", "validation"))
 
 
 def _file_fingerprint(path) -> str:
-    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    path = index_path(path) if is_shard_index(path) else Path(path)  # shards: their index names every sample
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
 
 def training_origin(config: StageConfig, setup: StageSetup, stage: str, flags=(), files=()) -> dict:
@@ -319,13 +348,13 @@ def _autocast(ctx, precision):
 
 
 @contextmanager
-def pair_stage(config: PairStageConfig, hooks: TrainingHooks | None):
+def pair_stage(config: PairStageConfig, hooks: TrainingHooks | None, shards_ok: bool = False):
     """What both image-text stages start from and end with: the process group (torchrun), rank-0
     hooks, the shared set-up and each distinct text embedded once; the group is left however the
     stage ends."""
     ctx = setup_distributed(config.device)
     try:
-        setup = prepare_stage(config, ctx)
+        setup = prepare_stage(config, ctx, shards_ok)
         yield ctx, rank_hooks(hooks, ctx), setup, embed_pair_texts(setup, config.normal_pattern, ctx)
     finally:
         teardown_distributed()
@@ -334,8 +363,12 @@ def pair_stage(config: PairStageConfig, hooks: TrainingHooks | None):
 # --------------------------------------------------------------------------- stage 1
 def run_stage1(config: Stage1Config, hooks: TrainingHooks | None = None) -> dict:
     """Fine-tune the image encoder on 2D image-text pairs; returns the run's summary, with `model`:
-    the exported folder. Launched by torchrun, every process calls this."""
-    with pair_stage(config, hooks) as (ctx, hooks, setup, texts):
+    the exported folder. Launched by torchrun, every process calls this.
+
+    `train_manifest` is a manifest (rows checked from their headers now, read and preprocessed by
+    the data-loader workers when drawn) or a folder of shards (`pack_shards`: preprocessed once)."""
+    started = time.perf_counter()
+    with pair_stage(config, hooks, shards_ok=True) as (ctx, hooks, setup, texts):
         model = setup.model
         model.preprocess = config.preprocessing(model.preprocess)
         hooks.message(f"preprocessing: {model.preprocess.describe()}")
@@ -349,9 +382,13 @@ def run_stage1(config: Stage1Config, hooks: TrainingHooks | None = None) -> dict
         tower.visual_projection.requires_grad_(True)
         if config.grad_checkpointing:
             clip.gradient_checkpointing_enable()
-        train_set = ImageTextDataset(setup.train, texts.index, model.preprocess, setup)
-        val_set = ImageTextDataset(setup.val, texts.index, model.preprocess, setup)
-        validates = check_pair_contrast(setup, ctx, {"train": train_set.items, "val": val_set.items}, texts, config)
+        if setup.shards is not None:
+            train_set, val_set = (ShardDataset(setup.shards, split, model.preprocess) for split in ("train", "val"))
+        else:
+            train_set = ImageTextDataset(setup.train, texts.index, model.preprocess, setup)
+            val_set = ImageTextDataset(setup.val, texts.index, model.preprocess, setup)
+        validates = check_pair_contrast(setup, ctx, {"train": train_set.text_ids, "val": val_set.text_ids}, texts,
+                                        config)
         rows, line = setup.account(ctx, validates)
         hooks.message(line)
         calibrated = config.loss == "calibrated"
@@ -366,8 +403,10 @@ def run_stage1(config: Stage1Config, hooks: TrainingHooks | None = None) -> dict
 
         trainer = Trainer(tower, loss_fn, train_set, val_set if validates else None, collate_images,
                           config.train_config(), config.output, ctx, hooks=hooks,
-                          describe={"stage": "stage 1 (2D image encoder)", "manifest_rows": rows},
-                          origin=training_origin(config, setup, "stage 1", ("vision_dropout",)))
+                          describe={"stage": "stage 1 (2D image encoder)", "manifest_rows": rows,
+                                    "input": "shards" if setup.shards is not None else "manifest"},
+                          origin=training_origin(config, setup, "stage 1", ("vision_dropout",)),
+                          sampler=ShardSampler if setup.shards is not None else DistributedSampler, started=started)
         summary = trainer.fit(resume=config.resume)
         trainer.load_best()
         model.temperature = tower.temperature.value
@@ -376,10 +415,47 @@ def run_stage1(config: Stage1Config, hooks: TrainingHooks | None = None) -> dict
         return summary
 
 
+# --------------------------------------------------------------------------- shards
+@dataclass(kw_only=True)
+class PackConfig(PolicyChoice):
+    """`pack-shards`: a manifest preprocessed once for a model into shards that stage 1 streams."""
+
+    manifest: str | Path  # CSV or JSONL, as for --train-manifest
+    output: str | Path  # the shard folder (a packing interrupted there resumes)
+    model: str | Path = DEFAULT_MODEL  # the model the shards are for: its preprocessing is packed
+    init_config: str | None = None  # or a bundled CLIP config (its default preprocessing)
+    model_config: str | None = None
+    offline: bool = False
+    shard_size: int = 1000  # rows per shard (224 px: about 100 MB)
+    seed: int = 0  # the seeded validation share (rows without a split) and the packing order
+
+
+def run_pack_shards(config: PackConfig, hooks: TrainingHooks | None = None) -> dict:
+    """Pack a manifest into shards (`shards.pack_shards`): its rows split as training would split
+    them (the `split` column, else a seeded 10% for validation), every row read and preprocessed
+    once (a volume once for all its listed slices). Bad rows get the warning training gives, and
+    the index records where every row went. Returns {"output", "shards", "samples", "rows"}."""
+    hooks = hooks or TrainingHooks()
+    ctx = DistContext()
+    manifest = read_manifest(config.manifest)
+    model = load_base_model(config, ctx)
+    model.preprocess = config.preprocessing(model.preprocess)
+    hooks.message(f"preprocessing: {model.preprocess.describe()}")
+    setup = StageSetup(manifest, None, model, split_samples(manifest, None, config.seed), fingerprint="")
+    index = pack_shards({"train": setup.train, "val": setup.val}, config.output, model.preprocess, config.shard_size,
+                        config.seed, setup.reject, progress=lambda done, total: hooks.progress("packing", done, total))
+    rows, line = setup.account(ctx)
+    write_index(config.output, index, rows, line, manifest.bad)
+    hooks.message(line)
+    return {"output": str(config.output), "shards": len(index["shards"]),
+            "samples": sum(len(sh["keys"]) for sh in index["shards"]), "rows": rows}
+
+
 # --------------------------------------------------------------------------- stage 2
 def run_stage2(config: Stage2Config, hooks: TrainingHooks | None = None) -> dict:
     """Train the slice-pooling adapter on 3D volume-text pairs from the slice-embedding cache;
     returns the run's summary, with `model`: the exported folder, and the cache's use."""
+    started = time.perf_counter()
     with pair_stage(config, hooks) as (ctx, hooks, setup, texts):
         model = setup.model
         cache = SliceEmbeddingCache(config.cache_dir or Path(config.output) / "embedding_cache", model, config.plane,
@@ -390,10 +466,10 @@ def run_stage2(config: Stage2Config, hooks: TrainingHooks | None = None) -> dict
         ctx.barrier()
         items = {"train": [], "val": []}
         for i, (split, s) in enumerate(everything):
-            slices = loaded[i] if i in loaded else _cached(cache, s, setup)
-            if slices is not None:
-                items[split].append((slices, texts.index[s.text]))
-        validates = check_pair_contrast(setup, ctx, items, texts, config)
+            entry = loaded[i] if i in loaded else _cached(cache, s, setup)
+            if entry is not None:
+                items[split].append((entry, texts.index[s.text]))
+        validates = check_pair_contrast(setup, ctx, {k: [t for _, t in v] for k, v in items.items()}, texts, config)
         hooks.message(f"slice-embedding cache {cache.root}: {cache.computed} computed, {cache.reused} reused")
         rows, line = setup.account(ctx, validates)
         hooks.message(line)
@@ -413,7 +489,8 @@ def run_stage2(config: Stage2Config, hooks: TrainingHooks | None = None) -> dict
                                                             "adapter_dropout", "slice_subsample"))
         trainer = Trainer(tower, loss_fn, train_set, val_set if validates else None, collate_volumes,
                           config.train_config(), config.output, ctx, hooks=hooks,
-                          describe={"stage": "stage 2 (slice-pooling adapter)", "manifest_rows": rows}, origin=origin)
+                          describe={"stage": "stage 2 (slice-pooling adapter)", "manifest_rows": rows}, origin=origin,
+                          started=started)
         summary = trainer.fit(resume=config.resume)
         trainer.load_best()
         final = RadCLIPModel(model.clip, model.tokenizer, adapter=adapter.cpu(), preprocess=model.preprocess,
@@ -429,8 +506,9 @@ def run_stage2(config: Stage2Config, hooks: TrainingHooks | None = None) -> dict
 
 
 def _cached(cache: SliceEmbeddingCache, sample: Sample, setup: StageSetup):
+    """The cache entry (a file: the dataset reads it when drawn) of a sample's slice embeddings."""
     try:
-        return cache.get(sample.image)
+        return cache.entry(sample.image)
     except RadCLIPError as exc:
         setup.reject(sample, str(exc))
         return None

@@ -39,6 +39,11 @@ from .errors import RadCLIPError
 from .fileutil import atomic_path, atomic_write_text
 from .plotting import plot_loss_curves
 
+try:
+    import resource  # peak memory; not on Windows
+except ImportError:
+    resource = None
+
 CHECKPOINT_VERSION = 2  # 2: checkpoints record their origin
 
 
@@ -53,18 +58,45 @@ class TrainConfig:
     min_delta: float = 0.0
     accum_steps: int = 1
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int = 0  # data-loader worker processes (not part of what a resume must match)
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule ends there)
 
     def check(self):
-        for name in ("epochs", "batch_size", "accum_steps", "patience"):
-            if getattr(self, name) < 1:
+        for name in ("epochs", "batch_size", "accum_steps", "patience", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RadCLIPError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise RadCLIPError(f"workers must be 0 or more, got {self.num_workers}")
         if not self.lr > 0:
             raise RadCLIPError(f"learning rate must be positive, got {self.lr}")
 
 
 def _ignore(*_):
     pass
+
+
+def default_workers() -> int:
+    """Data-loader worker processes per training process: the cores this process may use, shared
+    by the processes torchrun starts on this machine, less one for the training itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory (MB) of this process and of its largest finished child (a data-loader
+    worker; its pages shared with this process count in both), and the CUDA allocator's peak on a
+    GPU; None where the platform cannot tell."""
+    own = child = None
+    try:  # Linux: this program's own peak (getrusage would report the launching process's if larger)
+        status = Path("/proc/self/status").read_text()
+        own = int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        if resource is not None:
+            own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if resource is not None:
+        child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"peak_rss_mb": own, "peak_rss_worker_mb": child or None, "peak_cuda_mb": cuda}
 
 
 @dataclass
@@ -275,11 +307,24 @@ def _difference(key: str, old, new) -> str:
     return f"{key} was {_show(old)} in the checkpoint, now {_show(new)}"
 
 
+def worker_message(exc: Exception) -> str:
+    """A RadCLIPError raised in a data-loader worker reaches the training process with the worker's
+    traceback in its message: its own one line, again."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rsplit("Traceback (most recent call last):", 1)[-1]  # the worker's own exception, not a chained one
+    return last.split(f"{type(exc).__module__}.{type(exc).__qualname__}: ", 1)[-1]
+
+
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
     """Train `module` (its parameters with requires_grad) on `compute_loss(module, batch)`.
 
-    `train_set`/`val_set` are map-style datasets; `collate` builds a batch. The same loss runs on
+    `train_set`/`val_set` are map-style datasets, drawn by `sampler` (DistributedSampler, or a class
+    with its arguments and contract: `shards.ShardSampler`); `collate` builds a batch. `started` is
+    the clock (`time.perf_counter()`) when the run began, for the time to the first step (default:
+    when the Trainer is made). The same loss runs on
     validation batches (in eval mode, no grad); without validation rows early stopping and the best
     epoch follow the training loss. `out_dir` receives checkpoints and logs. `origin` (JSON-like) says
     what the run was trained from; it is recorded in checkpoints and must match on resume. `hooks`
@@ -288,8 +333,11 @@ class Trainer:
 
     def __init__(self, module: torch.nn.Module, compute_loss: Callable, train_set: Dataset, val_set: Dataset | None,
                  collate: Callable, config: TrainConfig, out_dir, ctx: DistContext, hooks: TrainingHooks | None = None,
-                 describe: dict | None = None, origin: dict | None = None):
+                 describe: dict | None = None, origin: dict | None = None, sampler=DistributedSampler,
+                 started: float | None = None):
         config.check()
+        self.started = time.perf_counter() if started is None else started
+        self.first_step_s, self.train_s, self.samples = None, 0.0, 0  # throughput after the first step
         if config.batch_size % ctx.world:
             raise RadCLIPError(f"batch size {config.batch_size} is not divisible by the {ctx.world} processes")
         if len(train_set) == 0:
@@ -304,25 +352,26 @@ class Trainer:
         if not self.trainable:
             raise RadCLIPError("nothing to train: no parameter requires a gradient")
         local_batch = config.batch_size // ctx.world
-        self.train_sampler = DistributedSampler(train_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
-                                                seed=config.seed)
+        self.train_sampler = sampler(train_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=config.seed)
+        pin = ctx.device.type == "cuda"
         self.train_loader = DataLoader(train_set, batch_size=local_batch, sampler=self.train_sampler,
-                                       collate_fn=collate, num_workers=config.num_workers)
+                                       collate_fn=collate, num_workers=config.num_workers, pin_memory=pin)
         self.val_loader = None
         if val_set is not None and len(val_set):
             # one fixed, seeded shuffle (never set_epoch): validation batches mix labels, as a
             # contrastive loss needs, and are the same every epoch so losses compare
-            sampler = DistributedSampler(val_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
-                                         seed=config.seed + 1)
-            self.val_loader = DataLoader(val_set, batch_size=local_batch, sampler=sampler, collate_fn=collate,
-                                         num_workers=config.num_workers)
+            val_sampler = sampler(val_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=config.seed + 1)
+            self.val_loader = DataLoader(val_set, batch_size=local_batch, sampler=val_sampler, collate_fn=collate,
+                                         num_workers=config.num_workers, pin_memory=pin)
         self.wrapped = DistributedDataParallel(module) if ctx.distributed else module
         decay = [p for p in self.trainable if p.ndim >= 2]
         no_decay = [p for p in self.trainable if p.ndim < 2]  # biases, norms, scalars: no weight decay
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.accum_steps)
-        self.scheduler = cosine_schedule(self.optimizer, self.steps_per_epoch * config.epochs, config.warmup_steps)
+        total_steps = self.steps_per_epoch * config.epochs
+        self.scheduler = cosine_schedule(self.optimizer, min(total_steps, config.max_steps or total_steps),
+                                         config.warmup_steps)
         self.early = EarlyStopping(config.patience, config.min_delta)
         self.epoch = 0
         self.step = 0
@@ -455,7 +504,14 @@ class Trainer:
     def _batches(self, loader, desc):
         total = len(loader)
         self.hooks.progress(desc, 0, total)
-        for done, batch in enumerate(loader, 1):
+        batches = iter(loader)
+        for done in range(1, total + 1):
+            try:
+                batch = next(batches)
+            except RadCLIPError as exc:
+                raise RadCLIPError(worker_message(exc)) from None
+            except StopIteration:
+                return
             yield batch
             self.hooks.progress(desc, done, total)
 
@@ -489,6 +545,7 @@ class Trainer:
         losses = []
         n = len(self.train_loader)
         self.optimizer.zero_grad(set_to_none=True)
+        tick = time.perf_counter()
         for i, batch in enumerate(self._batches(self.train_loader, f"epoch {self.epoch + 1}/{self.config.epochs}")):
             last_micro = (i + 1) % accum == 0 or i + 1 == n
             sync = self.wrapped.no_sync() if (self.ctx.distributed and not last_micro) else nullcontext()
@@ -506,10 +563,23 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                now = time.perf_counter()
+                if self.first_step_s is None:
+                    self.first_step_s = now - self.started
+                else:  # steady state: the steps after the first (which waits for the workers to start)
+                    self.train_s += now - tick
+                    self.samples += len(batch[-1]) * self.ctx.world * min(accum, i + 1)
+                tick = now
                 log.write("steps", {"step": self.step, "epoch": self.epoch, "epoch_float": self.epoch + (i + 1) / n,
                                     "loss": float(sum(losses[-accum:]) / len(losses[-accum:])),
                                     "lr": float(self.scheduler.get_last_lr()[0])})
+                if self.reached_max_steps:
+                    break
         return sum(losses) / len(losses)
+
+    @property
+    def reached_max_steps(self) -> bool:
+        return self.config.max_steps is not None and self.step >= self.config.max_steps
 
     def fit(self, resume: bool = False) -> dict:
         """Train until the last epoch or early stopping. Returns a summary dict."""
@@ -523,7 +593,7 @@ class Trainer:
         log = MetricsLog(self.out_dir, self.ctx.main, (self.step, self.epoch) if resume else None)
         stopped_early = self.early.should_stop
         try:
-            while self.epoch < self.config.epochs and not stopped_early:
+            while self.epoch < self.config.epochs and not stopped_early and not self.reached_max_steps:
                 started = time.perf_counter()
                 train_loss = self.train_epoch(log)
                 val_loss = self.validate()
@@ -543,10 +613,14 @@ class Trainer:
             log.close()
         curve = log.plot(self.out_dir / "loss_curves.png", f"{self.describe.get('stage', 'training')} loss")
         monitor = "validation loss" if self.val_loader is not None else "training loss"
+        speed = {"time_to_first_step_s": self.first_step_s,
+                 "samples_per_second": self.samples / self.train_s if self.train_s > 0 else None,
+                 "workers": self.config.num_workers, **peak_memory(self.ctx.device)}
         if self.ctx.main:
             atomic_write_text(self.out_dir / "summary.json", json.dumps({
                 "epochs_run": self.epoch, "stopped_early": stopped_early, "best_epoch": self.early.best_epoch,
-                "best_loss": self.early.best, "monitor": monitor, "steps": self.step, **self.describe},
-                indent=2) + "\n")
+                "best_loss": self.early.best, "monitor": monitor, "steps": self.step,
+                "reached_max_steps": self.reached_max_steps, **speed, **self.describe}, indent=2) + "\n")
         return {"stopped_early": stopped_early, "best_epoch": self.early.best_epoch, "best_loss": self.early.best,
-                "monitor": monitor, "epochs_run": self.epoch, "loss_curves": str(curve) if curve else None}
+                "monitor": monitor, "epochs_run": self.epoch, "loss_curves": str(curve) if curve else None,
+                "steps": self.step, **speed}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -191,30 +192,89 @@ def _sitk_reason(exc) -> str:
     return line[:200] or "unknown reason"
 
 
+@dataclass
+class ImageInfo:
+    """What a file's header says about its pixels, read without reading them."""
+
+    shape: tuple  # (k, j, i), as `Volume.array` will be
+    spacing: tuple  # mm, (i, j, k); 1 mm for a PNG (its pHYs chunk is not read: a 2D row needs only its shape)
+    direction: np.ndarray  # LPS, columns = i, j, k
+    eight_bit: bool = False  # 8 bits per value: for a 2D image, a display image (see intensity.py)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_image_info(path) -> ImageInfo:
+    """The shape and geometry `read_volume` would return, from the header only (checking manifest
+    rows before training: a PNG's header costs microseconds, its pixels milliseconds). Refuses what
+    `read_volume` refuses from the header alone (4D, vector pixels); damaged pixel data is found
+    only when the pixels are read."""
+    path = check_readable(path)
+    if path.is_dir():  # a DICOM series: ITK sizes it from all its files, so read it
+        volume = read_volume(path)
+        return ImageInfo(volume.array.shape, volume.spacing, volume.direction, volume.array.dtype == np.uint8)
+    with open(path, "rb") as fh:
+        head = fh.read(26)
+    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and head[25] in (0, 2, 6):  # grey, RGB, RGBA
+        width, height = struct.unpack(">II", head[16:24])
+        _check_pixel_layout(path, 2, (width, height), {0: 1, 2: 3, 6: 4}[head[25]])
+        return ImageInfo((1, height, width), (1.0, 1.0, 1.0), np.eye(3), head[24] == 8)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    if looks_like_dicom(path):
+        check_dicom_elements(path)
+    try:
+        with _native_output_captured():
+            reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise RadCLIPError(f"cannot read '{path}': corrupt, truncated or not an image ({_sitk_reason(exc)})") from None
+    size, dim = reader.GetSize(), reader.GetDimension()
+    _check_pixel_layout(path, dim, size, reader.GetNumberOfComponents())
+    spacing, direction = list(reader.GetSpacing()), np.asarray(reader.GetDirection(), dtype=float).reshape(dim, dim)
+    if dim == 2:  # as sitk.JoinSeries makes it: one slice of 1 mm, identity along k
+        size, spacing = (*size, 1), spacing + [1.0]
+        direction = _extend_direction(direction)
+    if 0 in size:
+        raise RadCLIPError(f"'{path.name}' is empty (size {tuple(size)})")
+    eight_bit = reader.GetPixelID() in (sitk.sitkUInt8, sitk.sitkVectorUInt8)
+    return ImageInfo(tuple(int(n) for n in size[::-1]), tuple(spacing), direction, eight_bit)
+
+
+def _check_pixel_layout(path: Path, dim: int, size, ncomp: int):
+    """What `read_volume` can make a scalar volume of (one 3D or 2D image; RGB(A) 2D pictures)."""
+    if dim > 3:
+        raise RadCLIPError(
+            f"'{path.name}' is {dim}D (size {tuple(size)}): RadCLIP takes one 3D volume; extract one time point or channel first")
+    if ncomp > 1 and not (dim == 2 and ncomp in (3, 4)):
+        raise RadCLIPError(
+            f"'{path.name}' has {ncomp} values per voxel (colour or vector image): RadCLIP needs a scalar image")
+
+
 def _to_volume(image: sitk.Image, path: Path) -> Volume:
     dim = image.GetDimension()
-    if dim == 4 or (dim > 3):
-        raise RadCLIPError(
-            f"'{path.name}' is {dim}D (size {image.GetSize()}): RadCLIP takes one 3D volume; extract one time point or channel first")
     ncomp = image.GetNumberOfComponentsPerPixel()
+    _check_pixel_layout(path, dim, image.GetSize(), ncomp)
     color = None
     if ncomp > 1:
-        if dim == 2 and ncomp in (3, 4):  # RGB(A) photo / screenshot of a radiograph: luminance
+        if dim == 2:  # RGB(A) photo / screenshot of a radiograph: luminance
             rgb = sitk.GetArrayFromImage(image)[..., :3]
             array = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
             if rgb.dtype == np.uint8:  # an 8-bit display image stays one (see intensity.py), colours kept
                 array, color = np.round(array).astype(np.uint8), rgb
             image = _copy_geometry(sitk.GetImageFromArray(array), image)
-        else:
-            raise RadCLIPError(
-                f"'{path.name}' has {ncomp} values per voxel (colour or vector image): RadCLIP needs a scalar image")
-    if dim == 2:
-        image = sitk.JoinSeries(image)
     array = sitk.GetArrayFromImage(image)
     if array.size == 0:
         raise RadCLIPError(f"'{path.name}' is empty (size {image.GetSize()})")
-    return Volume(array, tuple(image.GetSpacing()), np.asarray(image.GetDirection(), dtype=float).reshape(3, 3),
-                  tuple(image.GetOrigin()), color)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(dim, dim)
+    if dim == 2:  # one slice, 1 mm thick at k = 0, identity along k: sitk.JoinSeries's geometry, without its copy
+        return Volume(array[None], (*image.GetSpacing(), 1.0), _extend_direction(direction), (*image.GetOrigin(), 0.0),
+                      color)
+    return Volume(array, tuple(image.GetSpacing()), direction, tuple(image.GetOrigin()))
+
+
+def _extend_direction(direction_2d: np.ndarray) -> np.ndarray:
+    return np.block([[direction_2d, np.zeros((2, 1))], [np.zeros((1, 2)), np.ones((1, 1))]])
 
 
 def _copy_geometry(dst: sitk.Image, src: sitk.Image) -> sitk.Image:

@@ -1,13 +1,13 @@
 """The command layer: turns arguments into configs and owns printing, progress bars and exit codes.
 No library module imports it (Testing/test_architecture.py checks that).
 
-    python -m RadCLIPCore rank|embed|export-slices|evaluate|serve|pretrain-2d|pretrain-adapter|pretrain-anatomy ...
+    python -m RadCLIPCore rank|embed|export-slices|evaluate|serve|pack-shards|pretrain-2d|pretrain-adapter|pretrain-anatomy ...
 """
 from __future__ import annotations
 
 import sys
 
-from . import evaluate, export, inference, serve, train
+from . import evaluate, export, inference, pack, serve, train
 from .common import OneLineParser, guarded
 
 TRAINING = {"pretrain-2d": train.main_stage1, "pretrain-adapter": train.main_stage2,
@@ -26,6 +26,10 @@ def build_parser():
                             description="Persistent worker: reads JSON-line requests (rank, cancel, unload, ping, "
                                         "shutdown) on stdin and writes JSON-line events on stdout; logs on stderr.")
     worker.set_defaults(func=lambda args: serve.serve())
+    pack.add_arguments(sub.add_parser("pack-shards", help="preprocess a training manifest once into shards that "
+                                                          "pretrain-2d streams",
+                                      description="Pack a manifest's rows, preprocessed for --model, into "
+                                                  "WebDataset-style tar shards with an index.json."))
     for name in TRAINING:  # parsed by the stage's own parser (same options as Training/pretrain_*.py)
         sub.add_parser(name, add_help=False, help=f"{name.replace('-', ' ')} (see: {name} --help)")
     return parser

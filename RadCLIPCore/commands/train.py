@@ -16,8 +16,8 @@ from ..anatomy_stage import AnatomyStageConfig, run_anatomy_stage
 from ..preprocessing import PLANES
 from ..presets import DEFAULT_MODEL
 from ..stages import LOSSES, Stage1Config, Stage2Config, run_stage1, run_stage2
-from ..trainer import TrainingHooks
-from .common import OneLineParser, add_preprocessing_options, guarded, progress_bar
+from ..trainer import TrainingHooks, default_workers
+from .common import OneLineParser, add_preprocessing_options, guarded, positive_int, progress_bar
 
 STAGE1 = "RadCLIP stage 1: fine-tune CLIP's image encoder on 2D image-text pairs, text encoder frozen."
 STAGE2 = "RadCLIP stage 2: train the slice-pooling adapter on 3D volume-text pairs, both encoders frozen."
@@ -83,7 +83,8 @@ def _train(run, config_class, args) -> int:
 # --------------------------------------------------------------------------- arguments
 def _stage_arguments(p: argparse.ArgumentParser, normal_pattern: bool = True):
     """The options every stage takes (`stages.StageConfig`)."""
-    p.add_argument("--train-manifest", required=True, metavar="CSV|JSONL", help="image,text[,split,label] rows")
+    p.add_argument("--train-manifest", required=True, metavar="CSV|JSONL",
+                   help="image,text[,split,label] rows (stage 1: or a shard folder made by pack-shards)")
     p.add_argument("--val-manifest", metavar="CSV|JSONL",
                    help="validation rows (default: the 'split' column, else a seeded 10%% of the training rows)")
     p.add_argument("--output", required=True, metavar="DIR", help="checkpoints, logs and the final model/ folder")
@@ -116,7 +117,11 @@ def _stage_arguments(p: argparse.ArgumentParser, normal_pattern: bool = True):
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"data-loader worker processes (default: the cores per process less one, "
+                        f"{default_workers()} here; 0 = read in the training process)")
+    p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
+                   help="stop after N optimizer steps (smoke runs, benchmarks); the cosine schedule ends there")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no epoch lines or progress bars")
 
