@@ -86,10 +86,20 @@ def test_auc_is_sklearns_with_a_bootstrap_interval(blobs):
 
 
 def test_evaluate_end_to_end(demo, hf_dir, radclip_dir, tmp_path):
+    import shutil
+
+    from RadCLIPCore.preprocessing import clip_processor_config
+
     _, _, volumes = demo
+    # the tuned model: the same tiny CLIP and an adapter, preprocessed as the base (CLIP's processor)
+    tuned = tmp_path / "tuned"
+    shutil.copytree(radclip_dir, tuned)
+    meta = json.loads((tuned / "radclip_config.json").read_text())
+    meta["preprocessing"] = clip_processor_config(64).to_dict()
+    (tuned / "radclip_config.json").write_text(json.dumps(meta))
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "RadCLIPCore", "evaluate", "--manifest", str(volumes), "--model", f"base={hf_dir}",
-            "--model", f"tuned={radclip_dir}", "--output", str(tmp_path / "eval"), "--folds", "3",
+            "--model", f"tuned={tuned}", "--output", str(tmp_path / "eval"), "--folds", "3",
             "--bootstrap", "50"]
     res = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert res.returncode == 0, res.stderr

@@ -22,6 +22,8 @@ def test_sources_1_3_4_hold_the_same_clip_weights(hf_dir, radclip_dir, pth_file,
     hf = load_model(hf_dir, device="cpu")
     pth = load_model(pth_file, device="cpu", config="clip-tiny")
     ours = load_model(radclip_dir, device="cpu", pooling="mean")
+    assert hf.preprocess == pth.preprocess != ours.preprocess  # CLIP's processor vs the folder's recorded policy
+    ours.preprocess = hf.preprocess  # the weights are what is compared here
     ref_img, ref_txt = hf.embed_image(ct_small), hf.embed_texts(["Head CT", "Chest X-ray"])
     for m in (pth, ours):
         np.testing.assert_allclose(m.embed_image(ct_small), ref_img, atol=1e-6)

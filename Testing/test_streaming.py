@@ -23,13 +23,13 @@ from RadCLIPCore import PreprocessConfig, RadCLIPError, RadCLIPModel, save_model
 from RadCLIPCore.datasets import ImageTextDataset, VolumeLRU, row_unit
 from RadCLIPCore.encoders import bundled_tokenizer, new_clip_model
 from RadCLIPCore.manifests import read_manifest, write_manifest
-from RadCLIPCore.preprocessing import prepare_image, prepare_volume, slice_unit
+from RadCLIPCore.preprocessing import clip_processor_config, prepare_image, prepare_volume, slice_unit
 from RadCLIPCore.shards import ShardSampler
 from RadCLIPCore.volume_io import read_image_info, read_volume
 
 from test_training import _KILL_AFTER_STEP, STAGE1, _weights, run, run_code, stage1_args
 
-CONFIG = PreprocessConfig(image_size=64)  # clip-tiny's
+CONFIG = clip_processor_config(64)  # clip-tiny's (a CLIP model without recorded preprocessing: CLIP's processor)
 
 
 def pack(manifest, out, *extra):
@@ -131,7 +131,8 @@ def test_pack_shards_writes_readable_tars_records_preprocessing_and_reports_bad_
     manifest, packed, res = shards
     warning = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "1 bad manifest row(s) skipped in m.csv" in warning[0] and "cannot read" in warning[0]
-    assert "1 bad (skipped)" in res.stdout and res.stdout.startswith("manifest rows: ")
+    assert "1 bad (skipped)" in res.stdout and res.stdout.splitlines()[1].startswith("manifest rows: ")
+    assert res.stdout.splitlines()[0] == "preprocessing: minmax-8bit, CLIP crop 64 px from a shortest edge of 64"
     index = json.loads((packed / "index.json").read_text())
     assert index["preprocessing"] == CONFIG.to_dict() and index["rows"]["bad"] == 1
     parsed = read_manifest(manifest)

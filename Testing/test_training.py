@@ -367,7 +367,9 @@ def test_torchrun_two_processes_match_one_process(even_slices, tmp_path):
             # softmax ignores a bias added to every key: its true gradient is 0, and AdamW turns the
             # float noise of two different reduction orders into full-size steps
             continue
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-5, msg=k)
+        # float noise of two reduction orders through 4 AdamW steps (measured: up to 5.4e-5 on
+        # weights of magnitude 0.08, patch embedding with CLIP's 8-bit inputs)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-4, msg=k)
     la = [json.loads(x)["loss"] for x in (one / "steps.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (two / "steps.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-4)
@@ -448,7 +450,8 @@ def test_stages_run_from_python_and_report_through_hooks_only(even_slices, tmp_p
     summary = run_stage1(Stage1Config(train_manifest=even_slices, output=tmp_path / "run", init_config="clip-tiny",
                                       epochs=2, batch_size=8, seed=3), hooks)
     assert capsys.readouterr().out == ""
-    assert seen["message"] == ["manifest rows: 16 train, 4 val, 0 test (not used), 0 bad (skipped)"]
+    assert seen["message"] == ["preprocessing: minmax-8bit, CLIP crop 64 px from a shortest edge of 64",
+                               "manifest rows: 16 train, 4 val, 0 test (not used), 0 bad (skipped)"]
     assert [r["epoch"] for r in seen["epoch"]] == [0, 1] and seen["epoch"][0]["best"]
     assert seen["progress"][:3] == [("epoch 1/2", 0, 2), ("epoch 1/2", 1, 2), ("epoch 1/2", 2, 2)]
     assert ("validation", 1, 1) in seen["progress"]
