@@ -63,8 +63,11 @@ def extract_features(model, samples, cache=None, poolings=("mean", "adapter")) -
     for s in samples:
         volume = read_volume(s.image)
         if s.slice is not None or volume.array.shape[0] == 1:
-            unit = (prepare_slice(volume, s.slice, s.plane, model.preprocess) if s.slice is not None
-                    else row_image_unit(volume, s.intensity, model.preprocess))
+            try:
+                unit = (prepare_slice(volume, s.slice, s.plane, model.preprocess) if s.slice is not None
+                        else row_image_unit(volume, s.intensity, model.preprocess))
+            except RadCLIPError as exc:  # e.g. an 8-bit image made with another intensity policy
+                raise RadCLIPError(f"manifest line {s.row} ({s.image.name}): {exc}") from None
             images.append(model.encode_pixels(unit_to_clip(unit, model.preprocess))[0].cpu().numpy())
             continue
         slices = cache.get(s.image).float() if cache is not None else model.embed_slices(volume).embeddings

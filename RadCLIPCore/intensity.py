@@ -135,10 +135,10 @@ def to_unit(slices: torch.Tensor, stats: VolumeStats, config) -> torch.Tensor:
     return unit.unsqueeze(1).expand(-1, config.channels, -1, -1).contiguous()
 
 
-def display_unit(pixels: np.ndarray, config) -> torch.Tensor:
-    """An 8-bit display image `(1, rows, cols)` grey or `(rows, cols, 3)` colour -> `(1, channels,
-    rows, cols)` = pixel / 255 (colour kept for a three-window model, else grey)."""
+def display_unit(pixels: np.ndarray, config, colour: bool = False) -> torch.Tensor:
+    """An 8-bit display image `(1, rows, cols)` grey, or `(rows, cols, 3)` with `colour` (for a
+    three-window model) -> `(1, channels, rows, cols)` = pixel / 255."""
     x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)) / 255.0
-    if x.shape[-1] == 3 and x.ndim == 3 and config.channels == 3:  # colour, for a three-window model
+    if colour:
         return x.permute(2, 0, 1).unsqueeze(0).contiguous()
     return x.unsqueeze(1).expand(-1, config.channels, -1, -1).contiguous()

@@ -106,10 +106,11 @@ def model_preprocessing(source: str | os.PathLike = DEFAULT_MODEL, *, config=Non
         return clip_processor_config(read_clip_config(config or "clip-vit-large-patch14").vision_config.image_size)
     if _looks_like_path(str(source)) or not _HUB_ID.match(str(source)):
         raise RadCLIPError(f"model not found: {source}")
-    size = read_clip_config(_hub_file(str(source), "config.json", _offline(offline), cache_dir)).vision_config.image_size
     folder = _cached_snapshot(str(source), cache_dir)
-    processor = (folder / PROCESSOR_CONFIG if folder is not None and (folder / PROCESSOR_CONFIG).exists()
-                 else _optional_hub_file(str(source), PROCESSOR_CONFIG, cache_dir) if not _offline(offline) else None)
+    if folder is not None:  # what load_model reads: the cached folder, as it is (no download)
+        return _processor_preprocessing(folder / PROCESSOR_CONFIG, read_clip_config(folder).vision_config.image_size)
+    size = read_clip_config(_hub_file(str(source), "config.json", _offline(offline), cache_dir)).vision_config.image_size
+    processor = _optional_hub_file(str(source), PROCESSOR_CONFIG, cache_dir)  # as _load_hub fetches it
     return _processor_preprocessing(processor, size)
 
 

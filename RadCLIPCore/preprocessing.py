@@ -309,8 +309,13 @@ def to_geometry(x: torch.Tensor, pixel_spacing, config: PreprocessConfig) -> tor
 def _clip_processor(resize: int, crop: int, resample: int):
     """transformers' CLIP image processor (the PIL one: the same numbers with or without
     torchvision), without its normalisation, which `unit_to_clip` applies."""
-    from transformers import CLIPImageProcessorPil
+    try:
+        from transformers import CLIPImageProcessorPil
+    except ImportError:
+        import transformers
 
+        raise RadCLIPError(f"the crop geometry needs transformers' CLIPImageProcessorPil, which transformers "
+                           f"{transformers.__version__} lacks: pip install -U 'transformers<6'") from None
     return CLIPImageProcessorPil(size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop},
                                  resample=resample, do_normalize=False, do_convert_rgb=False)
 
@@ -486,7 +491,7 @@ def prepare_image(volume: Volume, config=PreprocessConfig(), unit=False) -> torc
     spacing = (volume.spacing[1], volume.spacing[0])  # (row, col) = (j, i)
     if is_display_image(volume):
         colour = volume.color is not None and config.channels == 3
-        x = display_unit(volume.color if colour else volume.array, config)
+        x = display_unit(volume.color if colour else volume.array, config, colour)
     else:
         x = to_unit(torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32)),
                     volume_stats(volume.array, config), config)

@@ -30,6 +30,11 @@ def export_slices(volume_path, out_dir, config: PreprocessConfig, planes=("auto"
     column; `planes`: names of PLANES, or ("auto",) for the acquisition plane); returns the
     manifest rows (image paths relative to `out_dir`). `progress(done, total)` hears of each batch;
     `pick(plane, n_slices)`, if given, says which input slice numbers to write (default: all)."""
+    if config.geometry == "crop" and config.resize != config.image_size:
+        # the image written is the crop; read back, CLIP's processor would resize it again (a zoom)
+        raise RadCLIPError(f"export-slices cannot write what a model with a {config.resize} px resize and a "
+                           f"{config.image_size} px crop sees as a 2D image that reads back the same; "
+                           "use --geometry letterbox, or a model whose resize equals its crop")
     volume_path, out_dir = Path(volume_path), Path(out_dir)
     volume = read_volume(volume_path)
     stem = volume_path.name.split(".")[0] or "volume"

@@ -218,13 +218,19 @@ class StageSetup:
 
 
 def load_base_model(config: StageConfig, ctx: DistContext) -> RadCLIPModel:
-    """The starting model in float32 on the run's device: `init_config` (random, seeded) when given, else `model`."""
+    """The starting model in float32 on the run's device: `init_config` (random, seeded) when given,
+    else `model`; with the preprocessing a PolicyChoice config chooses (before anything, shards
+    included, is checked against it)."""
     if config.init_config:
         tok = bundled_tokenizer()
-        return RadCLIPModel(new_clip_model(config.init_config, tok, seed=config.seed), tok, device=ctx.device,
-                            precision="fp32", source=f"random {config.init_config} (seed {config.seed})")
-    return load_model(config.model, device=ctx.device, precision="fp32", offline=True if config.offline else None,
-                      config=config.model_config, pooling="mean")
+        model = RadCLIPModel(new_clip_model(config.init_config, tok, seed=config.seed), tok, device=ctx.device,
+                             precision="fp32", source=f"random {config.init_config} (seed {config.seed})")
+    else:
+        model = load_model(config.model, device=ctx.device, precision="fp32",
+                           offline=True if config.offline else None, config=config.model_config, pooling="mean")
+    if isinstance(config, PolicyChoice):
+        model.preprocess = config.preprocessing(model.preprocess)
+    return model
 
 
 def prepare_stage(config: StageConfig, ctx: DistContext, shards_ok: bool = False) -> StageSetup:
@@ -369,8 +375,7 @@ def run_stage1(config: Stage1Config, hooks: TrainingHooks | None = None) -> dict
     the data-loader workers when drawn) or a folder of shards (`pack_shards`: preprocessed once)."""
     started = time.perf_counter()
     with pair_stage(config, hooks, shards_ok=True) as (ctx, hooks, setup, texts):
-        model = setup.model
-        model.preprocess = config.preprocessing(model.preprocess)
+        model = setup.model  # with the chosen preprocessing (load_base_model)
         hooks.message(f"preprocessing: {model.preprocess.describe()}")
         clip = model.clip
         if config.vision_dropout:
@@ -439,7 +444,6 @@ def run_pack_shards(config: PackConfig, hooks: TrainingHooks | None = None) -> d
     ctx = DistContext()
     manifest = read_manifest(config.manifest)
     model = load_base_model(config, ctx)
-    model.preprocess = config.preprocessing(model.preprocess)
     hooks.message(f"preprocessing: {model.preprocess.describe()}")
     setup = StageSetup(manifest, None, model, split_samples(manifest, None, config.seed), fingerprint="")
     index = pack_shards({"train": setup.train, "val": setup.val}, config.output, model.preprocess, config.shard_size,

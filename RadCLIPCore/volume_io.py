@@ -219,7 +219,7 @@ def read_image_info(path) -> ImageInfo:
     if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and head[25] in (0, 2, 6):  # grey, RGB, RGBA
         width, height = struct.unpack(">II", head[16:24])
         _check_pixel_layout(path, 2, (width, height), {0: 1, 2: 3, 6: 4}[head[25]])
-        return ImageInfo((1, height, width), (1.0, 1.0, 1.0), np.eye(3), head[24] == 8)
+        return ImageInfo((1, height, width), (1.0, 1.0, 1.0), np.eye(3), head[24] <= 8)  # 1-8 bits: read as uint8
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     if looks_like_dicom(path):

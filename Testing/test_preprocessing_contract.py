@@ -302,3 +302,50 @@ def test_anatomy_masks_land_where_the_slice_lands(geometry):
     assert image.shape == cover.shape == (64, 64)
     bright, covered = image > 0.5, cover > 0.5
     assert bright.sum() > 50 and float((bright ^ covered).sum()) <= 0.1 * float(bright.sum())
+
+
+# --------------------------------------------------------------------------- after the review
+def test_shards_packed_with_a_policy_train_with_the_same_options_and_refuse_others(chest_ct, tmp_path):
+    """pack-shards and pretrain-2d given the same --intensity train; without it, the run is refused
+    (the shards hold 3-window units, the starting model's policy is another)."""
+    from RadCLIPCore.stages import PackConfig, Stage1Config, run_pack_shards, run_stage1
+
+    out = tmp_path / "png"
+    policy = {"intensity": "ct-window", "geometry": "letterbox"}
+    cfg = with_policy(clip_processor_config(64), **policy)  # clip-tiny's default, with the policy
+    rows = export_slices(chest_ct, out, cfg)[20:110:6]
+    from RadCLIPCore.manifests import write_manifest
+
+    write_manifest(tmp_path / "m.csv", [{"image": str(out / r["image"]), "text": "upper" if i % 2 else "lower",
+                                         "intensity": r["intensity"], "split": "train"} for i, r in enumerate(rows)])
+    run_pack_shards(PackConfig(manifest=tmp_path / "m.csv", output=tmp_path / "packed", init_config="clip-tiny",
+                               **policy))
+    index = json.loads((tmp_path / "packed" / "index.json").read_text())
+    assert index["preprocessing"] == cfg.to_dict() and index["rows"]["bad"] == 0
+    common = dict(train_manifest=tmp_path / "packed", init_config="clip-tiny", epochs=1, batch_size=4,
+                  max_steps=1, device="cpu", workers=0)
+    s1 = run_stage1(Stage1Config(output=tmp_path / "s1", **common, **policy))
+    assert load_model(s1["model"], device="cpu").preprocess == cfg
+    with pytest.raises(RadCLIPError, match="ct-window"):
+        run_stage1(Stage1Config(output=tmp_path / "s1b", **common))
+
+
+def test_low_bit_depth_pngs_are_8bit_display_images_from_their_header_too(tmp_path):
+    from PIL import Image
+
+    from RadCLIPCore.datasets import ImageTextDataset
+    from RadCLIPCore.volume_io import read_image_info
+
+    path = tmp_path / "one_bit.png"
+    Image.fromarray((np.arange(64 * 48).reshape(48, 64) % 7 == 0)).convert("1").save(path)
+    assert read_image_info(path).eight_bit and read_volume(path).array.dtype == np.uint8
+    (tmp_path / "m.csv").write_text(f"image,text\n{path},a\n")
+    manifest = read_manifest(tmp_path / "m.csv")
+    ImageTextDataset(manifest.samples, {"a": 0}, PreprocessConfig(image_size=64), manifest)
+    assert "an 8-bit image holds display values" in manifest.bad[0][1]  # up front, not mid-epoch
+
+
+def test_export_refuses_a_crop_that_would_read_back_zoomed(chest_ct, tmp_path):
+    cfg = PreprocessConfig(image_size=64, intensity="minmax-8bit", geometry="crop", resize=72)
+    with pytest.raises(RadCLIPError, match="72 px resize and a 64 px crop"):
+        export_slices(chest_ct, tmp_path, cfg)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from RadCLIPCore import AdapterConfig, RadCLIPModel, SlicePoolingAdapter, read_volume  # noqa: E402
+from RadCLIPCore import AdapterConfig, PreprocessConfig, RadCLIPModel, SlicePoolingAdapter, read_volume  # noqa: E402
 from RadCLIPCore.encoders import bundled_tokenizer, new_clip_model  # noqa: E402
 from RadCLIPCore.preprocessing import prepare_volume  # noqa: E402
 
@@ -44,7 +44,8 @@ def main():
     tok = bundled_tokenizer()
     clip = new_clip_model("clip-vit-base-patch16", tok, seed=0)
     adapter = SlicePoolingAdapter(AdapterConfig(dim=clip.config.projection_dim))
-    model = RadCLIPModel(clip, tok, adapter=adapter, device="cpu", precision=args.precision)
+    model = RadCLIPModel(clip, tok, adapter=adapter, device="cpu", precision=args.precision,
+                         preprocess=PreprocessConfig(image_size=224))  # the paper's z-score + letterbox
     bs = model.batch_size
 
     t = time.perf_counter()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from RadCLIPCore import AdapterConfig, RadCLIPModel, SlicePoolingAdapter  # noqa: E402
+from RadCLIPCore import AdapterConfig, PreprocessConfig, RadCLIPModel, SlicePoolingAdapter  # noqa: E402
 from RadCLIPCore.datasets import VolumeTextDataset, collate_volumes  # noqa: E402
 from RadCLIPCore.embedding_cache import SliceEmbeddingCache  # noqa: E402
 from RadCLIPCore.encoders import bundled_tokenizer, new_clip_model  # noqa: E402
@@ -56,7 +56,7 @@ def main():
 
     # ---------------------------------------------------------------- stage 2
     model = RadCLIPModel(new_clip_model("clip-vit-base-patch16", tok, seed=0), tok, device="cpu",
-                         precision=args.precision)
+                         precision=args.precision, preprocess=PreprocessConfig(image_size=224))  # z-score + letterbox
     adapter = SlicePoolingAdapter(AdapterConfig(dim=model.dim, num_heads=8))
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-4)
     text = torch.nn.functional.normalize(torch.randn(len(samples), model.dim), dim=-1)

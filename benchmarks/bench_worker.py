@@ -102,12 +102,13 @@ def main():
     ap.add_argument("--slices", type=int, default=48, help="slices embedded per volume (max_slices)")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    from RadCLIPCore import RadCLIPModel, save_model
+    from RadCLIPCore import PreprocessConfig, RadCLIPModel, save_model
     from RadCLIPCore.encoders import bundled_tokenizer, new_clip_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = bundled_tokenizer()
-        model_dir = save_model(RadCLIPModel(new_clip_model("clip-vit-base-patch16", tok, seed=0), tok, device="cpu"),
+        model_dir = save_model(RadCLIPModel(new_clip_model("clip-vit-base-patch16", tok, seed=0), tok, device="cpu",
+                                            preprocess=PreprocessConfig(image_size=224)),  # z-score + letterbox
                                Path(tmp) / "vit-b16")
         array, matrix = ct_array_and_matrix(chest_ct(), 133)
         worker, local, rerank = bench_worker_vs_in_process(model_dir, array, matrix, args.slices, args.rounds)

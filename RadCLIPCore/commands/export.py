@@ -7,8 +7,8 @@ from pathlib import Path
 from ..fileutil import check_output_dir
 from ..loading import model_preprocessing
 from ..manifests import write_manifest
-from ..errors import RadCLIPError
-from ..preprocessing import PLANES, ConfigError, option_named, with_policy
+from ..preprocessing import PLANES
+from ..stages import PolicyChoice
 from ..slice_export import EXPORT_COLUMNS, export_slices
 from .common import add_preprocessing_options, progress_bar
 
@@ -35,10 +35,8 @@ def add_parser(sub):
 def export_command(args) -> int:
     kwargs = {"config": args.config, "offline": True if args.offline else None}
     config = model_preprocessing(args.model, **kwargs) if args.model else model_preprocessing(**kwargs)
-    try:
-        config = with_policy(config, args.intensity, args.windows, args.percentiles, args.geometry)
-    except ConfigError as exc:
-        raise RadCLIPError(option_named(exc)) from None
+    config = PolicyChoice(intensity=args.intensity, windows=args.windows, percentiles=args.percentiles,
+                          geometry=args.geometry).preprocessing(config)
     out = check_output_dir(args.outdir)
     manifest = out / args.manifest
     planes = PLANES if args.plane == "all" else (args.plane,)
