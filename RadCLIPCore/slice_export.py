@@ -17,7 +17,8 @@ import SimpleITK as sitk
 
 from .errors import RadCLIPError
 from .fileutil import atomic_path
-from .preprocessing import PLANES, PreprocessConfig, prepare_volume, view_volume
+from .intensity import volume_stats
+from .preprocessing import PLANES, PreprocessConfig, view_volume
 from .volume_io import read_volume
 
 EXPORT_COLUMNS = ("image", "text", "source_volume", "source_slice", "source_plane", "intensity")
@@ -43,11 +44,12 @@ def export_slices(volume_path, out_dir, config: PreprocessConfig, planes=("auto"
     chosen = [np.arange(v.n_slices) if pick is None else np.unique(np.asarray(pick(v.plane, v.n_slices), int))
               for v in views]
     total = sum(len(c) for c in chosen)
-    for plane, view, inputs in zip(planes, views, chosen):
+    stats = volume_stats(volume.array, config)  # one pass over the voxels: it does not depend on the plane
+    for view, inputs in zip(views, chosen):
         if len(inputs) and not 0 <= inputs.min() <= inputs.max() < view.n_slices:
             raise RadCLIPError(f"slices {inputs.tolist()} are not all inside the {view.n_slices} {view.plane} slices")
         # the sampled slices are the chosen ones (input and canonical numbers map into each other)
-        prepared = replace(prepare_volume(volume, plane, None, config),
+        prepared = replace(view, stats=stats,
                            sampled=np.sort([view.input_index(int(i)) for i in inputs]).astype(np.int64))
         for start, batch in zip(range(0, len(prepared.sampled), batch_size), prepared.unit_batches(batch_size)):
             for k, unit in enumerate(batch):
