@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from .errors import RadCLIPError
 from .volume_io import Volume, read_image_info, read_volume
 from .manifests import Manifest
-from .preprocessing import display_image_problem, prepare_volume, row_image_unit, slice_unit, unit_to_clip, view_volume
+from .preprocessing import (check_2d, display_image_problem, prepare_volume, row_image_unit, slice_unit, unit_to_clip,
+                            view_volume)
 
 
 class Split(NamedTuple):
@@ -103,8 +104,7 @@ def check_row(sample, config, last_volume: dict | None = None):
     `last_volume` (a dict the caller keeps) remembers the last volume's header across rows."""
     if sample.slice is None:
         info = read_image_info(sample.image)
-        if info.shape[0] != 1:
-            raise RadCLIPError(f"expected a 2D image, got a volume of {info.shape[0]} slices: use embed_volume")
+        check_2d(info.shape)
         problem = display_image_problem(sample.intensity, config) if info.eight_bit else None
         if problem:  # an 8-bit image made with another intensity policy than the model's
             raise RadCLIPError(problem)
@@ -117,9 +117,7 @@ def check_row(sample, config, last_volume: dict | None = None):
         shape = Volume(np.broadcast_to(np.zeros((), np.float32), info.shape), info.spacing, info.direction)
         memo.clear()
         memo[key] = view_volume(shape, sample.plane, None, config)
-    view = memo[key]
-    if not 0 <= sample.slice < view.n_slices:
-        raise RadCLIPError(f"slice {sample.slice} is outside the volume's {view.n_slices} {view.plane} slices")
+    memo[key].check_slice(sample.slice)
 
 
 class ImageTextDataset(torch.utils.data.Dataset):

@@ -414,6 +414,11 @@ class PreparedVolume:
         for unit in self.unit_batches(batch_size):
             yield unit_to_clip(unit, self.config)
 
+    def check_slice(self, index: int):
+        """`index` (an input slice number, as a manifest's `slice`) is one of this plane's slices."""
+        if not 0 <= index < self.n_slices:
+            raise RadCLIPError(f"slice {index} is outside the volume's {self.n_slices} {self.plane} slices")
+
     def input_index(self, canonical_index: int) -> int:
         """The input array's slice number of canonical slice `canonical_index`: the one place where
         the canonical frame's slice order is mapped back to the input's."""
@@ -485,9 +490,7 @@ def prepare_image(volume: Volume, config=PreprocessConfig(), unit=False) -> torc
     (pixel / 255, see `intensity.py`); any other goes through the intensity policy."""
     if volume.array.size == 0:
         raise RadCLIPError(f"the image is empty (shape {volume.array.shape})")
-    if volume.array.shape[0] != 1:
-        raise RadCLIPError(
-            f"expected a 2D image, got a volume of {volume.array.shape[0]} slices: use embed_volume")
+    check_2d(volume.array.shape)
     spacing = (volume.spacing[1], volume.spacing[0])  # (row, col) = (j, i)
     if is_display_image(volume):
         colour = volume.color is not None and config.channels == 3
@@ -497,6 +500,12 @@ def prepare_image(volume: Volume, config=PreprocessConfig(), unit=False) -> torc
                     volume_stats(volume.array, config), config)
     x = to_geometry(x, spacing, config)
     return x if unit else unit_to_clip(x, config)
+
+
+def check_2d(shape):
+    """A 2D image is one slice thick (`shape` as `Volume.array`'s, or a header's)."""
+    if shape[0] != 1:
+        raise RadCLIPError(f"expected a 2D image, got a volume of {shape[0]} slices: use embed_volume")
 
 
 def is_display_image(volume: Volume) -> bool:
@@ -536,7 +545,6 @@ def prepare_slice(volume: Volume, index: int, plane="auto", config=PreprocessCon
 def slice_unit(prepared: PreparedVolume, index: int) -> torch.Tensor:
     """Input slice `index` of an already prepared volume -> `(1, channels, size, size)` in [0, 1] (prepare
     a volume once when many of its slices are needed)."""
-    if not 0 <= index < prepared.n_slices:
-        raise RadCLIPError(f"slice {index} is outside the volume's {prepared.n_slices} {prepared.plane} slices")
+    prepared.check_slice(index)
     canonical = prepared.input_index(index)  # the mapping is its own inverse
     return slices_to_unit(prepared.slices([canonical]), prepared.stats, prepared.pixel_spacing, prepared.config)
