@@ -217,7 +217,8 @@ def collate_volumes(batch):
 
 # --------------------------------------------------------------------------- anatomy stage
 class StudyDataset(torch.utils.data.Dataset):
-    """Anatomy stage: per study, (feats (A, D), valid (A,), text ids (A,), normal (A,))."""
+    """Frozen-encoder anatomy stage: per study, (feats (A, D), valid (A,), text ids (A,), positive
+    groups (A,), normal (A,))."""
 
     def __init__(self, items):
         self.items = items
@@ -230,5 +231,5 @@ class StudyDataset(torch.utils.data.Dataset):
 
 
 def collate_studies(batch):
-    """Each of the four study tensors stacked: (B, A, D), (B, A), (B, A), (B, A)."""
-    return tuple(torch.stack([b[k] for b in batch]) for k in range(4))
+    """Each of the study tensors stacked: (B, A, D), then (B, A) each."""
+    return tuple(torch.stack([b[k] for b in batch]) for k in range(len(batch[0])))

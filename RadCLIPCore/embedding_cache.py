@@ -43,6 +43,18 @@ def weights_fingerprint(clip) -> str:
     return h.hexdigest()
 
 
+def content_key(fingerprint: str, path: Path) -> str:
+    """A keyed hash of a file's bytes (or a DICOM folder's files, by name and bytes): an entry's name."""
+    h = hashlib.blake2b(digest_size=20, key=fingerprint.encode()[:64])
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 class SliceEmbeddingCache:
     """On-disk float16 per-slice embeddings, keyed by file content + encoder weights + preprocessing."""
 
@@ -55,14 +67,7 @@ class SliceEmbeddingCache:
         self.computed = self.reused = 0
 
     def key(self, path: Path) -> str:
-        h = hashlib.blake2b(digest_size=20, key=self.fingerprint.encode()[:64])
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for f in files:
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-        return h.hexdigest()
+        return content_key(self.fingerprint, path)
 
     def get(self, path: Path) -> torch.Tensor:
         """(slices, dim) float16 in canonical slice order (the order the adapter sees at inference)."""
@@ -91,16 +96,35 @@ class SliceEmbeddingCache:
 
 
 class AnatomyFeatureCache(SliceEmbeddingCache):
-    """(A, D) float16 anatomy embeddings and an (A,) validity mask per study (volume + label map)."""
+    """(A, D) float16 anatomy features and an (A,) validity mask per study (volume + label map), for
+    the frozen-encoder anatomy stage: the patch tokens pooled inside each mask and over the slices,
+    *before* any anatomy projection (the head is what that stage trains, so an entry never holds
+    one head's output for another to train on).
+
+    The key covers everything that shapes an entry: both files' bytes, the vision tower and
+    projection weights, the preprocessing, plane and slice sampling (`SliceEmbeddingCache`), the
+    labels, the coverage threshold, and the region pooling (attention queries by value)."""
 
     def __init__(self, root, model, plane, max_slices, labels, min_patches):
         super().__init__(root, model, plane, max_slices)
-        self.labels, self.min_patches = list(labels), float(min_patches)
+        self.labels, self.min_patches = [int(v) for v in labels], float(min_patches)
+        head = model.anatomy_head
+        queries = head.queries_for(self.labels) if head is not None else None
+        h = hashlib.blake2b(digest_size=16, key=self.fingerprint.encode()[:64])
+        h.update(repr(("anatomy", self.labels, self.min_patches, "slices: mean", "regions:",
+                       "mean" if queries is None else "attention")).encode())
+        if queries is not None:
+            h.update(queries.detach().cpu().float().numpy().tobytes())
+        self.study_fingerprint = h.hexdigest()
+
+    def study_entry(self, image: Path, mask: Path) -> Path:
+        """The file that holds (or will hold) a study's features: its name covers every input."""
+        h = hashlib.blake2b(digest_size=20, key=self.study_fingerprint.encode()[:64])
+        h.update(f"{self.key(Path(image))}{self.key(Path(mask))}".encode())
+        return self.root / f"anatomy-{h.hexdigest()}.safetensors"
 
     def study(self, image: Path, mask: Path, names) -> tuple[torch.Tensor, torch.Tensor]:
-        h = hashlib.blake2b(digest_size=20)
-        h.update(f"{self.key(image)}{self.key(mask)}{self.labels}{self.min_patches}".encode())
-        target = self.root / f"anatomy-{h.hexdigest()}.safetensors"
+        target = self.study_entry(image, mask)
         if target.exists():
             try:
                 data = load_file(str(target))
@@ -110,7 +134,7 @@ class AnatomyFeatureCache(SliceEmbeddingCache):
                 target.unlink(missing_ok=True)
         labelmap = read_labelmap(mask, names)
         result = anatomy_embeddings(self.model, read_volume(image), labelmap, labels=self.labels, plane=self.plane,
-                                    max_slices=self.max_slices, min_patches=self.min_patches)
+                                    max_slices=self.max_slices, min_patches=self.min_patches, project=False)
         feats = torch.zeros(len(self.labels), self.model.dim)
         valid = torch.zeros(len(self.labels), dtype=torch.bool)
         for i, label in enumerate(self.labels):

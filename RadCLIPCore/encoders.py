@@ -135,7 +135,17 @@ def image_features(clip: CLIPModel, pixel_values: torch.Tensor, patch_tokens: bo
     pooled = clip.visual_projection(out.pooler_output)
     if not patch_tokens:
         return pooled
-    return pooled, clip.visual_projection(clip.vision_model.post_layernorm(out.last_hidden_state[:, 1:]))
+    return pooled, _patch_vectors(clip, out)
+
+
+def patch_features(clip: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The patch tokens alone (what anatomy training reads): (N, 3, H, W) -> (N, patches, projection_dim),
+    not normalised, the same vectors as `image_features(..., patch_tokens=True)[1]`."""
+    return _patch_vectors(clip, clip.vision_model(pixel_values=pixel_values))
+
+
+def _patch_vectors(clip, out) -> torch.Tensor:
+    return clip.visual_projection(clip.vision_model.post_layernorm(out.last_hidden_state[:, 1:]))
 
 
 def text_features(clip: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

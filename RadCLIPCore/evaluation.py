@@ -34,7 +34,7 @@ from .model import prompt_softmax
 from .plotting import plot_confusion, plot_modality_recognition, plot_roc
 from .preprocessing import prepare_slice, row_image_unit, unit_to_clip
 from .presets import DEFAULT_MODEL, DISTRACTORS
-from .reports import finding_truth, read_lexicon
+from .reports import finding_truth, read_findings, read_lexicon
 
 log = logging.getLogger("RadCLIPCore")
 
@@ -112,10 +112,11 @@ def modality_scores(model, vectors, texts, distractors) -> dict:
 # --------------------------------------------------------------------------- zero-shot per anatomy (fVLM)
 def anatomy_zero_shot(model, studies, lexicon: dict, findings: dict, names: dict | None = None,
                       templates=("{finding} in the {anatomy}.",), negatives=("No {finding} in the {anatomy}.",),
-                      min_patches=1.0, n_boot=1000, seed=0) -> dict:
+                      min_patches=1.0, n_boot=1000, seed=0, level: str = "anatomy") -> dict:
     """Per anatomy and finding: P("finding in anatomy" over "no finding in anatomy") from the
-    anatomy embedding of each study; ROC AUC per finding (where both outcomes occur), macro AUC and
-    a bootstrap 95% CI over studies. `studies`: (volume, LabelMap, report) triples."""
+    anatomy embedding of each study (`level` "volume": from the whole volume's embedding instead,
+    the global baseline); ROC AUC per finding (where both outcomes occur) with a bootstrap 95% CI
+    over studies, macro AUC and its CI. `studies`: (volume, LabelMap, report) triples."""
     require_sklearn()
     from sklearn.metrics import roc_auc_score
 
@@ -126,6 +127,9 @@ def anatomy_zero_shot(model, studies, lexicon: dict, findings: dict, names: dict
     skipped = {}
     for volume, labelmap, report in studies:
         emb = anatomy_embeddings(model, volume, labelmap, labels=sorted(findings), min_patches=min_patches)
+        if level == "volume":  # the same studies and anatomies, scored from the volume embedding
+            whole = model.embed_volume(volume).embedding
+            emb.embeddings = {label: whole for label in emb.embeddings}
         facts = finding_truth(report, lexicon, findings)
         for label, finding in keys:
             if label not in emb.embeddings:
@@ -143,7 +147,10 @@ def anatomy_zero_shot(model, studies, lexicon: dict, findings: dict, names: dict
     per_finding = {f"{names.get(k[0]) or lexicon[k[0]][0]}: {k[1]}": float(roc_auc_score(truth[k], scores[k]))
                    for k in usable}
     ci = bootstrap_macro_auc([truth[k] for k in usable], [scores[k] for k in usable], n_boot, seed, paired=False)
-    return {"per_finding": per_finding, "macro_auc": float(np.mean(list(per_finding.values()))), "ci95": ci,
+    ci_each = {f"{names.get(k[0]) or lexicon[k[0]][0]}: {k[1]}": bootstrap_macro_auc([truth[k]], [scores[k]], n_boot, seed)
+               for k in usable}
+    return {"per_finding": per_finding, "ci95_per_finding": ci_each,
+            "macro_auc": float(np.mean(list(per_finding.values()))), "ci95": ci,
             "positives": {f"{k[0]}: {k[1]}": int(sum(truth[k])) for k in keys},
             "skipped": {f"{k[0]}: {k[1]}": n for k, n in skipped.items()},
             "scores": {f"{k[0]}: {k[1]}": scores[k] for k in keys}, "truth": {f"{k[0]}: {k[1]}": truth[k] for k in keys}}
@@ -244,10 +251,7 @@ def run_evaluation(config: EvaluationConfig, report: Callable[[str], None] = log
 def _run_anatomy(config, samples, out_dir, report) -> dict:
     """Zero-shot AUC per anatomy and finding, for every model (fVLM's evaluation)."""
     lexicon = read_lexicon(config.lexicon)
-    findings = {int(k): list(v) for k, v in read_lexicon(config.findings).items()}
-    unknown = sorted(set(findings) - set(lexicon))
-    if unknown:
-        raise RadCLIPError(f"--findings names labels {unknown} that the lexicon does not")
+    findings = read_findings(config.findings, lexicon)
     if any(s.mask is None for s in samples):
         raise RadCLIPError("anatomy-level evaluation needs a 'mask' column in every manifest row")
     names = read_label_names(config.label_names) if config.label_names else {}

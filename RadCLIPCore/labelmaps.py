@@ -76,11 +76,37 @@ def _read_slicer_segmentation(path: Path) -> LabelMap:
 
 
 def align_labelmap(labelmap: LabelMap, volume: Volume) -> Volume:
-    """The label map on the volume's voxel grid (nearest-neighbour resampling if needed)."""
+    """The label map on the volume's voxel grid (nearest-neighbour resampling if needed);
+    RadCLIPError when it cannot be put there (no label voxel falls inside the volume)."""
     lm = labelmap.volume
     same = (lm.array.shape == volume.array.shape and np.allclose(lm.spacing, volume.spacing, rtol=1e-4)
             and np.allclose(lm.direction, volume.direction, atol=1e-4) and np.allclose(lm.origin, volume.origin, atol=1e-3))
     if same:
         return lm
-    out = sitk.Resample(lm.to_sitk(), volume.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return Volume(sitk.GetArrayFromImage(out), volume.spacing, volume.direction, volume.origin)
+    out = _resampled(lm, volume.array.shape, volume.spacing, volume.direction, volume.origin)
+    return Volume(out, volume.spacing, volume.direction, volume.origin)
+
+
+def labels_on_grid(labelmap: LabelMap, info) -> set:
+    """The label values a label map has on the grid of an image known by its header only
+    (`volume_io.ImageInfo`): what `align_labelmap` would give, without reading the image's pixels."""
+    lm = labelmap.volume
+    same = (lm.array.shape == tuple(info.shape) and np.allclose(lm.spacing, info.spacing, rtol=1e-4)
+            and np.allclose(lm.direction, info.direction, atol=1e-4) and np.allclose(lm.origin, info.origin, atol=1e-3))
+    array = lm.array if same else _resampled(lm, info.shape, info.spacing, info.direction, info.origin)
+    return set(np.unique(array).tolist()) - {0}
+
+
+def _resampled(lm: Volume, shape, spacing, direction, origin) -> np.ndarray:
+    try:
+        out = sitk.Resample(lm.to_sitk(), [int(n) for n in shape[::-1]], sitk.Transform(), sitk.sitkNearestNeighbor,
+                            [float(v) for v in origin], [float(v) for v in spacing],
+                            [float(v) for v in np.asarray(direction).ravel()], 0)
+    except RuntimeError as exc:
+        raise RadCLIPError(f"the label map cannot be resampled onto the volume's grid "
+                           f"({str(exc).strip().splitlines()[-1][:200]})") from None
+    array = sitk.GetArrayFromImage(out)
+    if not array.any() and lm.array.any():
+        raise RadCLIPError("the label map does not overlap its volume: none of its labelled voxels falls inside the "
+                           "volume (another patient's mask, or a mask in another space)")
+    return array

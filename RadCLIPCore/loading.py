@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPModel, CLIPTokenizer
 
 from .adapter import AdapterConfig, SlicePoolingAdapter
-from .anatomy import AnatomyHead
+from .anatomy import POOLINGS as ANATOMY_POOLINGS, AnatomyHead
 from .encoders import align_token_ids, bundled_tokenizer, read_clip_config, resolve_device, resolve_precision
 from .errors import RadCLIPError
 from .fileutil import atomic_path, read_json
@@ -369,7 +369,8 @@ def _load_radclip_dir(path: Path, kwargs, pooling) -> RadCLIPModel:
     head = None
     if spec["anatomy_head"]:
         cfg = spec["anatomy_head"]
-        head = AnatomyHead(cfg["dim"], cfg["labels"], {int(k): v for k, v in cfg.get("names", {}).items()})
+        head = AnatomyHead(cfg["dim"], cfg["labels"], {int(k): v for k, v in cfg.get("names", {}).items()},
+                           pooling=cfg.get("pooling", "mean"))
         _load_weights(head, head_file, "anatomy_head")
     card = (path / "README.md").read_text(encoding="utf-8", errors="replace") if (path / "README.md").exists() else None
     return RadCLIPModel(clip, tokenizer, adapter=adapter, anatomy_head=head, preprocess=spec["preprocess"],
@@ -449,6 +450,9 @@ def _check_anatomy_head(head, dim):
     if (not isinstance(labels, list) or not labels or len(set(map(repr, labels))) != len(labels)
             or any(isinstance(v, bool) or not isinstance(v, int) for v in labels)):
         raise ConfigError(f"'anatomy_head.labels' must be a non-empty list of distinct integers, got {shown(labels)}")
+    if head.get("pooling", "mean") not in ANATOMY_POOLINGS:  # folders before attention pooling: the mean
+        raise ConfigError(f"'anatomy_head.pooling' must be one of {', '.join(ANATOMY_POOLINGS)}, "
+                          f"got {shown(head['pooling'])}")
     names = head.get("names", {})
     if not isinstance(names, dict) or not all(re.fullmatch(r"-?\d+", k) and isinstance(v, str)
                                               for k, v in names.items()):

@@ -81,23 +81,24 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, posit
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
-def anatomy_info_nce(image: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, text_ids: torch.Tensor,
+def anatomy_info_nce(image: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor,
                      normal: torch.Tensor, logit_scale) -> torch.Tensor:
     """fVLM's per-anatomy contrastive loss with false-negative calibration, summed over anatomies.
 
     `image`, `text`: (B, A, D) unit-norm per-anatomy features of B studies and A anatomies; `valid`:
-    (B, A) whether the anatomy was found in that study; `text_ids`: (B, A) id of each anatomy text;
-    `normal`: (B, A) whether it is the normal template. For each anatomy, over the (global) batch:
-    pairs with identical texts, or both normal, are positives (row-normalised soft targets); an
-    anatomy contributes only if at least one of its texts in the global batch is abnormal.
+    (B, A) whether the anatomy was found in that study; `groups`: (B, A) positive group of each
+    anatomy text (`reports.anatomy_groups`: identical texts, the normal texts of an anatomy, and
+    with a findings vocabulary the texts asserting the same findings share one); `normal`: (B, A)
+    whether it is the normal template. For each anatomy, over the (global) batch, pairs of one
+    group are positives (row-normalised soft targets); an anatomy contributes only if at least one
+    of its texts in the global batch is abnormal. Features are gathered once.
     """
     image, text = gather(image), gather(text)
-    valid, text_ids, normal = gather(valid), gather(text_ids), gather(normal)
+    valid, groups, normal = gather(valid), gather(groups), gather(normal)
     total = image.new_zeros(())
     for a in range(image.shape[1]):
         rows = valid[:, a]
         if int(rows.sum()) < 2 or not bool((normal[rows, a] == 0).any()):
             continue
-        groups = torch.where(normal[rows, a].bool(), torch.full_like(text_ids[rows, a], -1), text_ids[rows, a])
-        total = total + contrastive_loss(image[rows, a], text[rows, a], logit_scale, groups)
+        total = total + contrastive_loss(image[rows, a], text[rows, a], logit_scale, groups[rows, a])
     return total

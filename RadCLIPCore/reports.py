@@ -74,23 +74,61 @@ def anatomy_texts(report: str, lexicon: dict, names: dict | None = None, normal_
     return texts, normal
 
 
-# --------------------------------------------------------------------------- truth from reports
+# --------------------------------------------------------------------------- findings a text asserts
 NEGATION = ("no", "without", "negative for", "free of", "absence of", "resolved")
 
 
+def read_findings(path_or_dict, lexicon: dict) -> dict:
+    """{label value: [finding words]} (the `--findings` JSON, e.g. {"5": ["lesion", "cyst"]}); every
+    label must be an anatomy of `lexicon`."""
+    findings = read_lexicon(path_or_dict)
+    unknown = sorted(set(findings) - set(lexicon))
+    if unknown:
+        raise RadCLIPError(f"the findings file names anatomy label(s) {unknown} that the lexicon does not "
+                           f"(lexicon labels: {sorted(lexicon)})")
+    return findings
+
+
+def asserted_findings(sentences, words) -> frozenset:
+    """The findings of `words` that `sentences` assert: a finding counts when a sentence names it
+    (whole word, case-insensitive) and no negation cue (no, without, negative for, ...) precedes it
+    in that sentence. The one reading of "which findings does this text say are present", for
+    training (disease-aware positives) and evaluation (the truth of zero-shot AUC)."""
+    found = set()
+    for finding in words:
+        rx = re.compile(r"\b" + re.escape(finding) + r"\b", re.IGNORECASE)
+        for sentence in sentences:
+            m = rx.search(sentence)
+            if m and not any(re.search(r"\b" + re.escape(cue) + r"\b", sentence[:m.start()], re.IGNORECASE)
+                             for cue in NEGATION):
+                found.add(finding.lower())
+                break
+    return frozenset(found)
+
+
 def finding_truth(report: str, lexicon: dict, findings: dict) -> dict:
-    """{(label, finding): 0/1}: 1 when a sentence about the anatomy names the finding (whole word)
-    and no negation cue (no, without, negative for, ...) precedes it in that sentence."""
+    """{(label, finding): 0/1}: 1 when a sentence about the anatomy asserts the finding
+    (`asserted_findings`)."""
     assigned = assign_sentences(split_sentences(report), lexicon)
     truth = {}
     for label, words in findings.items():
+        present = asserted_findings(assigned.get(label, []), words)
         for finding in words:
-            rx = re.compile(r"\b" + re.escape(finding) + r"\b", re.IGNORECASE)
-            hit = 0
-            for sentence in assigned.get(label, []):
-                m = rx.search(sentence)
-                if m and not any(re.search(r"\b" + re.escape(cue) + r"\b", sentence[:m.start()], re.IGNORECASE)
-                                 for cue in NEGATION):
-                    hit = 1
-            truth[(label, finding)] = hit
+            truth[(label, finding)] = int(finding.lower() in present)
     return truth
+
+
+def anatomy_groups(texts: dict, normal: dict, findings: dict | None) -> dict:
+    """{label: positive-group key} of one study's anatomy texts (`anatomy_texts`) for the anatomy
+    loss: normal texts share one group per anatomy; with a findings vocabulary ({label: [words]}),
+    abnormal texts of an anatomy that assert the same non-empty set of its findings share a group
+    (fVLM's "similarly diseased": paraphrases of one finding are not pushed apart); any other text
+    is its own group (identical texts share it)."""
+    groups = {}
+    for label, text in texts.items():
+        if normal[label]:
+            groups[label] = ("normal", label)
+            continue
+        asserted = asserted_findings(split_sentences(text), findings.get(label, ())) if findings else frozenset()
+        groups[label] = ("findings", label, tuple(sorted(asserted))) if asserted else ("text", label, text)
+    return groups

@@ -9,9 +9,11 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .adapter import SlicePoolingAdapter
-from .anatomy import AnatomyHead
+from .anatomy import AnatomyHead, region_vectors
+from .encoders import patch_features, text_features
 from .errors import RadCLIPError
 
 
@@ -68,3 +70,32 @@ class AnatomyTower(nn.Module):
     def forward(self, feats):
         """(batch, anatomies, dim) -> (batch, anatomies, dim)."""
         return self.head(feats)
+
+
+class AnatomyEncoderTower(nn.Module):
+    """The end-to-end anatomy stage's trainable part (fVLM): CLIP's vision tower and projection, the
+    anatomy head (region-pooling queries, per-anatomy projections), the temperature and, with
+    `text_layers`, the text tower (only its last layers are set to train; see `anatomy_stage`).
+
+    Gradients flow from each anatomy's vector through the mask-pooled patch tokens into the tower.
+    """
+
+    def __init__(self, clip, head: AnatomyHead, temperature: Temperature, text_layers: int = 0):
+        super().__init__()
+        self.vision_model, self.visual_projection = clip.vision_model, clip.visual_projection
+        self.head, self.temperature = head, temperature
+        if text_layers:
+            self.text_model, self.text_projection = clip.text_model, clip.text_projection
+
+    def forward(self, pixels, cover, pick, input_ids=None, attention_mask=None):
+        """pixels (N, 3, S, S) of the batch's slices, cover (N, A, P), pick (B, A, K) indices into N
+        (-1: none) -> (B, A, D) unit-norm anatomy vectors (zero where an anatomy has no slice); with
+        token ids (T, L), also their (T, D) unit-norm text vectors (one forward pass, for DDP)."""
+        patches = F.normalize(patch_features(self, pixels).float(), dim=-1)
+        region = region_vectors(patches, cover, self.head.queries)  # (N, A, D)
+        anatomies = torch.arange(region.shape[1], device=region.device)[None, :, None]
+        chosen = region[pick.clamp_min(0), anatomies] * (pick >= 0)[..., None]  # (B, A, K, D)
+        image = self.head(F.normalize(chosen.sum(2), dim=-1))  # the slices' mean direction, projected
+        if input_ids is None:
+            return image
+        return image, F.normalize(text_features(self, input_ids, attention_mask).float(), dim=-1)

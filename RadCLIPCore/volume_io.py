@@ -200,6 +200,7 @@ class ImageInfo:
     spacing: tuple  # mm, (i, j, k); 1 mm for a PNG (its pHYs chunk is not read: a 2D row needs only its shape)
     direction: np.ndarray  # LPS, columns = i, j, k
     eight_bit: bool = False  # 8 bits per value: for a 2D image, a display image (see intensity.py)
+    origin: tuple = (0.0, 0.0, 0.0)  # mm, LPS, (i, j, k)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -213,7 +214,8 @@ def read_image_info(path) -> ImageInfo:
     path = check_readable(path)
     if path.is_dir():  # a DICOM series: ITK sizes it from all its files, so read it
         volume = read_volume(path)
-        return ImageInfo(volume.array.shape, volume.spacing, volume.direction, volume.array.dtype == np.uint8)
+        return ImageInfo(volume.array.shape, volume.spacing, volume.direction, volume.array.dtype == np.uint8,
+                         volume.origin)
     with open(path, "rb") as fh:
         head = fh.read(26)
     if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and head[25] in (0, 2, 6):  # grey, RGB, RGBA
@@ -238,7 +240,8 @@ def read_image_info(path) -> ImageInfo:
     if 0 in size:
         raise RadCLIPError(f"'{path.name}' is empty (size {tuple(size)})")
     eight_bit = reader.GetPixelID() in (sitk.sitkUInt8, sitk.sitkVectorUInt8)
-    return ImageInfo(tuple(int(n) for n in size[::-1]), tuple(spacing), direction, eight_bit)
+    origin = list(reader.GetOrigin()) + ([0.0] if dim == 2 else [])
+    return ImageInfo(tuple(int(n) for n in size[::-1]), tuple(spacing), direction, eight_bit, tuple(origin))
 
 
 def _check_pixel_layout(path: Path, dim: int, size, ncomp: int):

@@ -12,7 +12,8 @@ import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import fields
 
-from ..anatomy_stage import AnatomyStageConfig, run_anatomy_stage
+from ..anatomy import POOLINGS as ANATOMY_POOLINGS
+from ..anatomy_stage import DEFAULT_SLICES_PER_ANATOMY, AnatomyStageConfig, run_anatomy_stage
 from ..preprocessing import PLANES
 from ..presets import DEFAULT_MODEL
 from ..stages import LOSSES, Stage1Config, Stage2Config, run_stage1, run_stage2
@@ -21,8 +22,8 @@ from .common import OneLineParser, add_preprocessing_options, guarded, positive_
 
 STAGE1 = "RadCLIP stage 1: fine-tune CLIP's image encoder on 2D image-text pairs, text encoder frozen."
 STAGE2 = "RadCLIP stage 2: train the slice-pooling adapter on 3D volume-text pairs, both encoders frozen."
-ANATOMY = ("fVLM anatomy-level training: per-anatomy projection head on mask-pooled embeddings vs report "
-           "sentences, encoders frozen.")
+ANATOMY = ("fVLM anatomy-level training: each anatomy's mask-pooled region vs the report sentences about it; the "
+           "image encoder trains end to end (--freeze-encoder: only a per-anatomy projection on cached features).")
 
 
 # --------------------------------------------------------------------------- output
@@ -152,7 +153,24 @@ def _anatomy_options(p):
     p.add_argument("--max-slices", type=int, default=None)
     p.add_argument("--min-patches", type=float, default=1.0,
                    help="an anatomy counts on a slice when it covers at least this many patches")
-    p.add_argument("--cache-dir", help="anatomy feature cache (default <output>/embedding_cache)")
+    p.add_argument("--cache-dir", help="prepared studies (end to end) or frozen anatomy features "
+                   "(--freeze-encoder); default <output>/embedding_cache")
+    p.add_argument("--findings", metavar="JSON", help='label value -> finding words, e.g. {"5": ["lesion", "cyst"]}: '
+                   "abnormal texts of an anatomy asserting the same findings are positives (disease-aware)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train only a per-anatomy projection on cached frozen features (fast; cannot learn to see "
+                        "a finding the encoder does not already see)")
+    p.add_argument("--anatomy-pooling", choices=ANATOMY_POOLINGS, default=None,
+                   help="region pooling of each anatomy's patch tokens on a slice: mean (coverage-weighted) or "
+                        "attention (one learnable query per anatomy); default attention end to end, the starting "
+                        "model's with --freeze-encoder")
+    p.add_argument("--slices-per-anatomy", type=int, default=DEFAULT_SLICES_PER_ANATOMY, metavar="K",
+                   help=f"slices drawn per study and anatomy per step (default {DEFAULT_SLICES_PER_ANATOMY}): memory "
+                        f"per step does not grow with the volume's depth")
+    p.add_argument("--train-text-layers", type=int, default=0, metavar="N",
+                   help="the last N layers of the text tower train too (0 = frozen, the default)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    add_preprocessing_options(p, "the starting model's; recorded in the exported model")
 
 
 # (program, description, its own options, run, config class, takes --normal-pattern)
