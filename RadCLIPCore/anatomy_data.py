@@ -10,7 +10,8 @@ is keyed by both files' bytes and every setting that shapes it, never by encoder
 not depend on them), so a changed file or setting can never be served a stale entry.
 
 Each time a study is drawn, at most `slices_per_anatomy` (K) of the slices each anatomy covers
-are chosen (seeded by the run's seed, the epoch and the study; evenly spaced for validation) and
+are chosen (`draw_slices`: one from each of K consecutive runs of them, seeded by the run's seed,
+the epoch and the study; the middle of each run for validation) and
 only those rows are read from the entry: memory per step depends on K and the batch, not on
 how deep the volume is.
 """
@@ -105,15 +106,20 @@ def study_anatomies(entry: Path) -> torch.Tensor:
 
 def draw_slices(keep: torch.Tensor, k: int, generator: torch.Generator | None) -> list:
     """For each anatomy (a column of `keep`, (M, A)), the rows chosen: at most `k` of those it
-    covers, at random with `generator`, else evenly spaced; sorted."""
+    covers, stratified: its slices cut into `k` consecutive runs and one slice drawn from each (at
+    random with `generator`, else the middle of each run), so the draw spans the whole anatomy and
+    a finding that spans 1/k of it is always seen; sorted."""
     chosen = []
     for a in range(keep.shape[1]):
         rows = torch.nonzero(keep[:, a]).flatten()
         if len(rows) > k:
+            edges = np.linspace(0, len(rows), k + 1)
             if generator is None:
-                rows = rows[np.linspace(0, len(rows) - 1, k).round().astype(int)]
+                picks = ((edges[:-1] + edges[1:]) / 2).astype(int)
             else:
-                rows = rows[torch.randperm(len(rows), generator=generator)[:k]].sort().values
+                phase = torch.rand(k, generator=generator, dtype=torch.float64).numpy()
+                picks = np.floor(edges[:-1] + phase * (edges[1:] - edges[:-1])).astype(int)
+            rows = rows[np.minimum(picks, len(rows) - 1)]
         chosen.append(rows.tolist())
     return chosen
 

@@ -72,6 +72,9 @@ class AnatomyTower(nn.Module):
         return self.head(feats)
 
 
+HEAD_LR_SCALE = 10.0
+
+
 class AnatomyEncoderTower(nn.Module):
     """The end-to-end anatomy stage's trainable part (fVLM): CLIP's vision tower and projection, the
     anatomy head (region-pooling queries, per-anatomy projections), the temperature and, with
@@ -84,6 +87,10 @@ class AnatomyEncoderTower(nn.Module):
         super().__init__()
         self.vision_model, self.visual_projection = clip.vision_model, clip.visual_projection
         self.head, self.temperature = head, temperature
+        for p in (*head.parameters(), *temperature.parameters()):
+            # the head starts at the identity and zero queries next to a pretrained tower: it learns at
+            # HEAD_LR_SCALE times the base rate (the encoder at the base rate)
+            p.lr_scale = HEAD_LR_SCALE
         if text_layers:
             self.text_model, self.text_projection = clip.text_model, clip.text_projection
 

@@ -364,10 +364,16 @@ class Trainer:
             self.val_loader = DataLoader(val_set, batch_size=local_batch, sampler=val_sampler, collate_fn=collate,
                                          num_workers=config.num_workers, pin_memory=pin)
         self.wrapped = DistributedDataParallel(module) if ctx.distributed else module
-        decay = [p for p in self.trainable if p.ndim >= 2]
-        no_decay = [p for p in self.trainable if p.ndim < 2]  # biases, norms, scalars: no weight decay
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        # parameter groups: biases, norms and scalars without weight decay; a module may ask for a
+        # multiple of the learning rate (`lr_scale` on its parameters: new heads next to a pretrained tower)
+        groups = {}
+        for p in self.trainable:
+            key = (p.ndim >= 2, float(getattr(p, "lr_scale", 1.0)))
+            groups.setdefault(key, []).append(p)
+        self.optimizer = torch.optim.AdamW([{"params": ps, "weight_decay": config.weight_decay if decay else 0.0,
+                                             "lr": config.lr * scale}
+                                            for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (
+                                                not kv[0][0], kv[0][1]))], lr=config.lr)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.accum_steps)
         total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = cosine_schedule(self.optimizer, min(total_steps, config.max_steps or total_steps),

