@@ -34,11 +34,13 @@ from RadCLIPCore.errors import RadCLIPError
 from RadCLIPCore.{module} import {function} as read
 
 def peaks():
+    # this process's own peaks from /proc: getrusage's ru_maxrss starts at the launching process's
+    # peak after fork + exec (a pytest that has trained models is over 1.5 GB)
     try:
-        vm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmPeak"))
-    except (OSError, StopIteration):
-        vm = 0
-    return vm * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        status = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(("VmPeak", "VmHWM"))}
+        return status["VmPeak"] * 1024, status["VmHWM"] * 1024
+    except (OSError, KeyError, ValueError):
+        return 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 vm0, rss0 = peaks()
 try:

@@ -350,17 +350,23 @@ def test_killed_mid_epoch_and_resumed_ends_at_the_same_weights(demo, tmp_path):
     assert len(steps.read_text().splitlines()) == 4 * spe  # the replayed part is logged once
 
 
-def test_torchrun_two_processes_match_one_process(even_slices, tmp_path):
-    args = stage1_args(even_slices, None, "--epochs", 2, "--lr", 1e-3, "--learn-temperature")
-    one = tmp_path / "one"
-    res = run(STAGE1, *[one if a is None else a for a in args])
+def one_and_two_processes(script, args, tmp_path):
+    """Run a training script alone (into tmp_path/one) and under torchrun with 2 gloo processes
+    (tmp_path/two); `args` holds None where the output folder goes."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = run(script, *[one if a is None else a for a in args])
     assert res.returncode == 0, res.stderr
-    two = tmp_path / "two"
     env = dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(STAGE1), *map(str, [two if a is None else a for a in args])],
+                          str(script), *map(str, [two if a is None else a for a in args])],
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    return one, two
+
+
+def test_torchrun_two_processes_match_one_process(even_slices, tmp_path):
+    args = stage1_args(even_slices, None, "--epochs", 2, "--lr", 1e-3, "--learn-temperature")
+    one, two = one_and_two_processes(STAGE1, args, tmp_path)
     a, b = _weights(one), _weights(two)
     for k in a:
         if k.endswith("k_proj.bias"):
