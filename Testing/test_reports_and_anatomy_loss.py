@@ -71,8 +71,9 @@ def test_anatomy_loss_is_the_sum_of_calibrated_per_anatomy_losses():
     normal = torch.zeros(6, 3, dtype=torch.bool)
     normal[:, 2] = True  # anatomy 2: every text is the normal template -> contributes nothing
     normal[[1, 3], 0] = True  # two normal texts (different ids) of anatomy 0 -> positives of each other
-    loss = anatomy_info_nce(image, text, valid, ids, normal, 10.0)
-    groups0 = torch.where(normal[:, 0], torch.tensor(-1), ids[:, 0])
+    groups = torch.where(normal, torch.tensor(-1), ids)  # an anatomy's normal texts share one group
+    loss = anatomy_info_nce(image, text, valid, groups, normal, 10.0)
+    groups0 = groups[:, 0]
     assert groups0.tolist() == [0, -1, 0, -1, 3, 0]
     expected = contrastive_loss(image[:, 0], text[:, 0], 10.0, groups0)
     rows = valid[:, 1]
