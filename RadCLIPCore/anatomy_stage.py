@@ -30,7 +30,6 @@ The command (`Training/pretrain_anatomy.py`, `python -m RadCLIPCore pretrain-ana
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,7 +43,8 @@ from .errors import RadCLIPError
 from .labelmaps import labels_on_grid, read_label_names, read_labelmap
 from .losses import anatomy_info_nce
 from .reports import anatomy_groups, anatomy_texts, read_findings, read_lexicon
-from .stages import PolicyChoice, StageConfig, export_model, model_card, prepare_stage, rank_hooks, training_origin
+from .stages import (PolicyChoice, StageConfig, autocast, export_model, fill_by_rank, model_card, prepare_stage,
+                     rank_hooks, training_origin)
 from .towers import AnatomyEncoderTower, AnatomyTower, Temperature
 from .trainer import Trainer, TrainingHooks, setup_distributed, teardown_distributed, unwrap
 from .volume_io import read_image_info
@@ -137,12 +137,6 @@ def _varied(studies) -> bool:
     return any(len(k) > 1 for k in kinds.values())
 
 
-def _autocast(ctx, precision):
-    if ctx.device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 # --------------------------------------------------------------------------- the stage
 def run_anatomy_stage(config: AnatomyStageConfig, hooks: TrainingHooks | None = None) -> dict:
     """Train anatomy-level (fVLM); returns the run's summary, with `model`: the exported folder (the
@@ -228,11 +222,20 @@ def run_anatomy_stage(config: AnatomyStageConfig, hooks: TrainingHooks | None = 
         teardown_distributed()
 
 
-def _shared_share(ctx, samples, fill):
-    """Each rank fills the cache for its share of the samples, then reads the others' (as stage 2)."""
-    mine = {i: fill(s) for i, s in enumerate(samples) if i % ctx.world == ctx.rank}
-    ctx.barrier()
-    return [mine[i] if i in mine else fill(s) for i, s in enumerate(samples)]
+def _studies_found(ctx, setup, usable, fill, valid_of, min_patches) -> dict:
+    """{split: [(sample, data, valid (A,))]}: each usable study through `fill` (a cache, ranks
+    sharing the work), its anatomies found by `valid_of(data)`; a study where no anatomy covers
+    `min_patches` patches on any slice is a bad row."""
+    out = {}
+    for split, samples in usable.items():
+        out[split] = []
+        for s, data in zip(samples, fill_by_rank(ctx, samples, fill)):
+            valid = valid_of(data)
+            if not valid.any():
+                setup.reject(s, f"no anatomy of the lexicon covers --min-patches {min_patches:g} patches on any slice")
+                continue
+            out[split].append((s, data, valid))
+    return out
 
 
 class _EndToEnd:
@@ -246,18 +249,8 @@ class _EndToEnd:
                                      model.clip.config.vision_config.patch_size)
 
     def prepare(self, usable) -> dict:
-        out = {}
-        for split, samples in usable.items():
-            entries = _shared_share(self.ctx, samples, lambda s: self.cache.entry(s.image, s.mask, self.names))
-            out[split] = []
-            for s, entry in zip(samples, entries):
-                valid = study_anatomies(entry)
-                if not valid.any():  # every anatomy too small to cover min_patches on any slice
-                    self.setup.reject(s, f"no anatomy of the lexicon covers --min-patches {self.config.min_patches:g} "
-                                         f"patches on any slice")
-                    continue
-                out[split].append((s, entry, valid))
-        return out
+        return _studies_found(self.ctx, self.setup, usable, lambda s: self.cache.entry(s.image, s.mask, self.names),
+                              study_anatomies, self.config.min_patches)
 
     def cache_line(self) -> str:
         return f"study slice cache {self.cache.root}: {self.cache.computed} prepared, {self.cache.reused} reused"
@@ -285,7 +278,7 @@ class _EndToEnd:
 
         def loss_fn(module, batch):
             pixels, cover, pick, ids, groups, normal = (t.to(ctx.device) for t in batch)
-            with _autocast(ctx, config.precision):
+            with autocast(ctx, config.precision):
                 if tokens is None:
                     image, text = module(pixels, cover, pick), text_emb[ids]
                 else:  # the batch's distinct texts through the text tower, once each
@@ -322,17 +315,9 @@ class _Frozen:
                                          config.plane, config.max_slices, labels, config.min_patches)
 
     def prepare(self, usable) -> dict:
-        out = {}
-        for split, samples in usable.items():
-            feats = _shared_share(self.ctx, samples, lambda s: self.cache.study(s.image, s.mask, self.names))
-            out[split] = []
-            for s, (f, valid) in zip(samples, feats):
-                if not valid.any():
-                    self.setup.reject(s, f"no anatomy of the lexicon covers --min-patches {self.config.min_patches:g} "
-                                         f"patches on any slice")
-                    continue
-                out[split].append((s, f.float(), valid))
-        return out
+        found = _studies_found(self.ctx, self.setup, usable, lambda s: self.cache.study(s.image, s.mask, self.names),
+                               lambda data: data[1], self.config.min_patches)
+        return {split: [(s, feats.float(), valid) for s, (feats, _), valid in items] for split, items in found.items()}
 
     def cache_line(self) -> str:
         return f"anatomy feature cache {self.cache.root}: {self.cache.computed} computed, {self.cache.reused} reused"

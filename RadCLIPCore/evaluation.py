@@ -126,10 +126,12 @@ def anatomy_zero_shot(model, studies, lexicon: dict, findings: dict, names: dict
     truth = {k: [] for k in keys}
     skipped = {}
     for volume, labelmap, report in studies:
-        emb = anatomy_embeddings(model, volume, labelmap, labels=sorted(findings), min_patches=min_patches)
-        if level == "volume":  # the same studies and anatomies, scored from the volume embedding
-            whole = model.embed_volume(volume).embedding
-            emb.embeddings = {label: whole for label in emb.embeddings}
+        if level == "volume":  # the same studies and anatomies, scored from the volume embedding (one tower pass)
+            whole, emb = model.embed_volume_and_anatomies(volume, labelmap, labels=sorted(findings),
+                                                          min_patches=min_patches)
+            emb.embeddings = {label: whole.embedding for label in emb.embeddings}
+        else:
+            emb = anatomy_embeddings(model, volume, labelmap, labels=sorted(findings), min_patches=min_patches)
         facts = finding_truth(report, lexicon, findings)
         for label, finding in keys:
             if label not in emb.embeddings:

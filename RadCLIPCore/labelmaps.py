@@ -79,9 +79,7 @@ def align_labelmap(labelmap: LabelMap, volume: Volume) -> Volume:
     """The label map on the volume's voxel grid (nearest-neighbour resampling if needed);
     RadCLIPError when it cannot be put there (no label voxel falls inside the volume)."""
     lm = labelmap.volume
-    same = (lm.array.shape == volume.array.shape and np.allclose(lm.spacing, volume.spacing, rtol=1e-4)
-            and np.allclose(lm.direction, volume.direction, atol=1e-4) and np.allclose(lm.origin, volume.origin, atol=1e-3))
-    if same:
+    if _on_grid(lm, volume.array.shape, volume.spacing, volume.direction, volume.origin):
         return lm
     out = _resampled(lm, volume.array.shape, volume.spacing, volume.direction, volume.origin)
     return Volume(out, volume.spacing, volume.direction, volume.origin)
@@ -91,10 +89,14 @@ def labels_on_grid(labelmap: LabelMap, info) -> set:
     """The label values a label map has on the grid of an image known by its header only
     (`volume_io.ImageInfo`): what `align_labelmap` would give, without reading the image's pixels."""
     lm = labelmap.volume
-    same = (lm.array.shape == tuple(info.shape) and np.allclose(lm.spacing, info.spacing, rtol=1e-4)
-            and np.allclose(lm.direction, info.direction, atol=1e-4) and np.allclose(lm.origin, info.origin, atol=1e-3))
-    array = lm.array if same else _resampled(lm, info.shape, info.spacing, info.direction, info.origin)
+    grid = (tuple(info.shape), info.spacing, info.direction, info.origin)
+    array = lm.array if _on_grid(lm, *grid) else _resampled(lm, *grid)
     return set(np.unique(array).tolist()) - {0}
+
+
+def _on_grid(lm: Volume, shape, spacing, direction, origin) -> bool:
+    return (lm.array.shape == tuple(shape) and np.allclose(lm.spacing, spacing, rtol=1e-4)
+            and np.allclose(lm.direction, direction, atol=1e-4) and np.allclose(lm.origin, origin, atol=1e-3))
 
 
 def _resampled(lm: Volume, shape, spacing, direction, origin) -> np.ndarray:

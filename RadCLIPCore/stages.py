@@ -347,7 +347,8 @@ def rank_hooks(hooks: TrainingHooks | None, ctx: DistContext) -> TrainingHooks:
     return hooks if hooks is not None and ctx.main else TrainingHooks()
 
 
-def _autocast(ctx, precision):
+def autocast(ctx, precision):
+    """bf16 autocast on CUDA (`precision` auto or bf16), nothing on the CPU: every stage's forward."""
     if ctx.device.type == "cuda" and precision in ("auto", "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -400,7 +401,7 @@ def run_stage1(config: Stage1Config, hooks: TrainingHooks | None = None) -> dict
 
         def loss_fn(module, batch):
             pixels, ids = batch
-            with _autocast(ctx, config.precision):
+            with autocast(ctx, config.precision):
                 feats = module(pixels.to(ctx.device))
             ids = ids.to(ctx.device)
             return info_nce(feats, texts.embeddings[ids], unwrap(module).temperature(),
@@ -466,11 +467,9 @@ def run_stage2(config: Stage2Config, hooks: TrainingHooks | None = None) -> dict
                                     config.max_slices)
         # each rank fills the cache for its share of the volumes, then reads the others' shares
         everything = [("train", s) for s in setup.train] + [("val", s) for s in setup.val]
-        loaded = {i: _cached(cache, s, setup) for i, (_, s) in enumerate(everything) if i % ctx.world == ctx.rank}
-        ctx.barrier()
+        entries = fill_by_rank(ctx, [s for _, s in everything], lambda s: _cached(cache, s, setup))
         items = {"train": [], "val": []}
-        for i, (split, s) in enumerate(everything):
-            entry = loaded[i] if i in loaded else _cached(cache, s, setup)
+        for (split, s), entry in zip(everything, entries):
             if entry is not None:
                 items[split].append((entry, texts.index[s.text]))
         validates = check_pair_contrast(setup, ctx, {k: [t for _, t in v] for k, v in items.items()}, texts, config)
@@ -507,6 +506,14 @@ def run_stage2(config: Stage2Config, hooks: TrainingHooks | None = None) -> dict
         summary["model"] = export_model(final, config, ctx, card, summary, stage=2)
         summary.update(cache_computed=cache.computed, cache_reused=cache.reused)
         return summary
+
+
+def fill_by_rank(ctx, samples, fill) -> list:
+    """`fill(sample)` for every sample: each rank fills a cache for its share first, then (after a
+    barrier) reads the others' entries, so no entry is computed twice across ranks."""
+    mine = {i: fill(s) for i, s in enumerate(samples) if i % ctx.world == ctx.rank}
+    ctx.barrier()
+    return [mine[i] if i in mine else fill(s) for i, s in enumerate(samples)]
 
 
 def _cached(cache: SliceEmbeddingCache, sample: Sample, setup: StageSetup):

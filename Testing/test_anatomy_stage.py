@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, package_file
 from test_anatomy import studies  # noqa: F401  (a fixture)
-from test_training import _KILL_AFTER_STEP, one_and_two_processes, run, run_code
+from test_training import _KILL_AFTER_STEP, _weights, one_and_two_processes, run, run_code
 
 from RadCLIPCore import load_model, read_volume
 from RadCLIPCore.anatomy import AnatomyHead, anatomy_embeddings, region_vectors
@@ -36,10 +36,6 @@ def anatomy_args(studies, out, *extra):  # noqa: F811
     return ["--train-manifest", studies / "studies.csv", "--lexicon", studies / "lexicon.json", "--init-config",
             "clip-tiny", "--batch-size", 3, "--min-patches", 0.25, "--no-progress", "--seed", 1, "--output", out,
             *extra]
-
-
-def _clip_weights(run_dir):
-    return load_file(str(run_dir / "model" / "clip" / "model.safetensors"))
 
 
 def _init_weights(seed=1):
@@ -255,7 +251,7 @@ def e2e_run(studies, tmp_path_factory):  # noqa: F811
 def test_end_to_end_trains_the_image_encoder_and_exports_it_with_the_heads(e2e_run, studies):  # noqa: F811
     root, _, stdout = e2e_run
     assert "study slice cache" in stdout and "8 prepared, 0 reused" in stdout
-    init, trained = _init_weights(), _clip_weights(root / "run")
+    init, trained = _init_weights(), _weights(root / "run")
     vision = [k for k in trained if k.startswith("vision_model.") and not k.endswith("k_proj.bias")]
     changed = [k for k in vision if not torch.equal(trained[k], init[k])]
     assert len(changed) > 0.8 * len(vision), "the vision tower trains end to end"
@@ -298,7 +294,7 @@ def test_frozen_encoder_trains_only_the_projection(studies, tmp_path):  # noqa: 
                                      "--cache-dir", tmp_path / "cache"))
     assert res.returncode == 0, res.stderr
     assert "anatomy feature cache" in res.stdout and "8 computed, 0 reused" in res.stdout
-    init, trained = _init_weights(), _clip_weights(tmp_path / "run")
+    init, trained = _init_weights(), _weights(tmp_path / "run")
     assert all(torch.equal(trained[k], init[k]) for k in trained)
     model = load_model(tmp_path / "run" / "model", device="cpu")
     assert model.anatomy_head.pooling == "mean" and model.anatomy_head.queries is None
@@ -309,7 +305,7 @@ def test_train_text_layers_trains_only_the_last_layers(studies, tmp_path):  # no
     res = run(ANATOMY, *anatomy_args(studies, tmp_path / "run", "--train-text-layers", 1, "--epochs", 1, "--lr", 1e-3,
                                      "--cache-dir", tmp_path / "cache"))
     assert res.returncode == 0, res.stderr
-    init, trained = _init_weights(), _clip_weights(tmp_path / "run")
+    init, trained = _init_weights(), _weights(tmp_path / "run")
     moved = {k for k in trained if k.startswith("text") and not torch.equal(trained[k], init[k])}
     assert any(k.startswith("text_model.encoder.layers.1.") for k in moved)
     assert "text_projection.weight" in moved and "text_model.final_layer_norm.weight" in moved
@@ -329,7 +325,7 @@ def test_killed_mid_epoch_and_resumed_ends_at_the_same_weights(studies, tmp_path
     assert torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 0
     res = run(ANATOMY, *[killed if a is None else a for a in args], "--resume")
     assert res.returncode == 0, res.stderr
-    a, b = _clip_weights(straight), _clip_weights(killed)
+    a, b = _weights(straight), _weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ha = load_file(str(straight / "model" / "anatomy_head.safetensors"))
     hb = load_file(str(killed / "model" / "anatomy_head.safetensors"))
@@ -340,7 +336,7 @@ def test_torchrun_two_gloo_processes_match_one_process(studies, tmp_path):  # no
     args = anatomy_args(studies, None, "--epochs", 2, "--batch-size", 6, "--lr", 1e-3, "--cache-dir",
                         tmp_path / "cache", "--findings", _findings(tmp_path))
     one, two = one_and_two_processes(ANATOMY, args, tmp_path)
-    a, b = _clip_weights(one), _clip_weights(two)
+    a, b = _weights(one), _weights(two)
     for k in a:
         if not k.endswith("k_proj.bias"):  # see test_training's torchrun test: zero true gradient
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-4, msg=k)
@@ -387,6 +383,9 @@ BAD = {
     "text layers above the tower's depth": (lambda s, t: ["--train-text-layers", 3],
                                             "--train-text-layers must be between 0 and the text tower's 2 layers"),
     "K below 1": (lambda s, t: ["--slices-per-anatomy", 0], "--slices-per-anatomy must be at least 1"),
+    "a coverage threshold of 0": (lambda s, t: ["--min-patches", 0], "--min-patches must be positive"),
+    "text layers with a frozen encoder": (lambda s, t: ["--freeze-encoder", "--train-text-layers", 1],
+                                          "--train-text-layers goes with the end-to-end stage"),
     "attention with a frozen encoder whose features are pooled by the mean": (
         lambda s, t: ["--freeze-encoder", "--anatomy-pooling", "attention"],
         "--anatomy-pooling attention with --freeze-encoder"),
