@@ -51,7 +51,7 @@ WORKER_COMMAND_SETTING = "RadCLIP/WorkerCommand"
 # connector rewrites the text on every keystroke and moves the cursor to 0), the device (its list
 # comes from the worker at run time) and the output nodes (the module owns them; a selector would let
 # a user pick the input CT as an output and overwrite it)
-UNBOUND_PARAMETERS = ("prompts", "device", "outputTable", "segmentTable", "attentionVolume", "attentionChart")
+UNBOUND_PARAMETERS = ("prompts", "device", "outputTable", "segmentTable", "relevanceVolume", "relevanceChart")
 
 
 #
@@ -96,8 +96,8 @@ class RadCLIPSlicerParameterNode:
     prompts: str = DEFAULT_PROMPTS
     outputTable: vtkMRMLTableNode
     segmentTable: vtkMRMLTableNode
-    attentionVolume: vtkMRMLScalarVolumeNode
-    attentionChart: vtkMRMLPlotChartNode
+    relevanceVolume: vtkMRMLScalarVolumeNode
+    relevanceChart: vtkMRMLPlotChartNode
 
 
 #
@@ -215,7 +215,7 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.rankButton.text = _("Cancel") if running else _("Rank prompts")
         local = p.modelPreset == MODEL_LABELS[-1]
         self.ui.modelFolderLineEdit.enabled = self.ui.modelBrowseButton.enabled = local
-        self.ui.jumpButton.enabled = bool(p.attentionVolume and p.inputVolume)
+        self.ui.jumpButton.enabled = bool(p.relevanceVolume and p.inputVolume)
 
     def onPromptsEdited(self) -> None:
         text = self.ui.promptsTextEdit.toPlainText()
@@ -511,8 +511,8 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
     def finishRanking(self, p, result) -> str:
         """Fill the output nodes from a worker result; returns a one-line status."""
         self._result = result
-        out = self.mrmlLogic.showResults(p.inputVolume, result, p.outputTable, p.attentionVolume, p.attentionChart)
-        p.outputTable, p.attentionVolume, p.attentionChart = out["table"], out["attention"], out["chart"]
+        out = self.mrmlLogic.showResults(p.inputVolume, result, p.outputTable, p.relevanceVolume, p.relevanceChart)
+        p.outputTable, p.relevanceVolume, p.relevanceChart = out["table"], out["relevance"], out["chart"]
         status = _("Best match: {prompt} ({probability:.0%}).").format(prompt=result["prompts"][0]["text"],
                                                                        probability=result["prompts"][0]["probability"])
         status += " " + self._shownText(out)
@@ -536,8 +536,8 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
         """Show another ranked prompt's relevance over the viewers and in the chart."""
         if self._result is None:
             raise ValueError(_("Rank the prompts first (results are kept until the module is reloaded)."))
-        return self._shownText(self.mrmlLogic.showPrompt(p.inputVolume, self._result, prompt, p.attentionVolume,
-                                                         p.attentionChart))
+        return self._shownText(self.mrmlLogic.showPrompt(p.inputVolume, self._result, prompt, p.relevanceVolume,
+                                                         p.relevanceChart))
 
     def rankVolume(self, volumeNode, prompts, model=None, plane="auto", maxSlices=None, parameterNode=None, timeout=600):
         """Synchronous ranking for scripts: fills the parameter node's outputs and returns the table node."""
@@ -557,22 +557,22 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
     def showResults(self, p, plotViewInLayout: bool) -> None:
         """Relevance as the foreground layer over the input; the chart in the layout. The layout is
         changed only when it has no plot view (the user's layout otherwise stays as it is)."""
-        slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=p.attentionVolume,
+        slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=p.relevanceVolume,
                                          foregroundOpacity=0.5)
-        colorLegend = slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(p.attentionVolume)
+        colorLegend = slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(p.relevanceVolume)
         if colorLegend:
             colorLegend.SetTitleText(_("slice weight"))
         if not plotViewInLayout:
             slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalPlotView)
-        slicer.modules.plots.logic().ShowChartInLayout(p.attentionChart)
+        slicer.modules.plots.logic().ShowChartInLayout(p.relevanceChart)
 
     def jumpToSlice(self, p, sliceIndex=None) -> None:
         """Centre the slice viewers on input slice `sliceIndex` (default: where the shown curve peaks),
-        from the attention volume itself: no model and no worker needed."""
+        from the relevance volume itself: no model and no worker needed."""
         if sliceIndex is None:
-            ras = self.mrmlLogic.peakSliceRas(p.inputVolume, p.attentionVolume)
+            ras = self.mrmlLogic.peakSliceRas(p.inputVolume, p.relevanceVolume)
         else:
-            sliceAxis = int(p.attentionVolume.GetAttribute("RadCLIP.sliceAxis") or 0)
+            sliceAxis = int(p.relevanceVolume.GetAttribute("RadCLIP.sliceAxis") or 0)
             ras = self.mrmlLogic.sliceCentreRas(p.inputVolume, sliceAxis, sliceIndex)
         slicer.modules.markups.logic().JumpSlicesToLocation(*ras, True)
 
@@ -615,7 +615,7 @@ class RadCLIPSlicerTest(ScriptedLoadableModuleTest):
             table = logic.rankVolume(volume, ["Brain MRI", "Chest CT", "A puppy"], model=folder, maxSlices=8)
             self.assertEqual(table.GetNumberOfRows(), 3)
             p = logic.getParameterNode()
-            self.assertEqual(slicer.util.arrayFromVolume(p.attentionVolume).size, 20)
+            self.assertEqual(slicer.util.arrayFromVolume(p.relevanceVolume).size, 20)
         finally:
             logic.stopWorker()
         self.delayDisplay("Test passed")

@@ -130,7 +130,7 @@ def test_attention_volume_slices_coincide_with_the_input_slices(scene, logic, se
         set_matrix(node, m)
     result = rank(session, logic, node, PROMPTS[:3], radclip_dir, max_slices=12)
     out = logic.showResults(node, result, prompt=PROMPTS[1])
-    att = out["attention"]
+    att = out["relevance"]
     shown = slicer.util.arrayFromVolume(att)
     relevance = next(p["relevance"] for p in result["prompts"] if p["text"] == PROMPTS[1])
     assert shown.size == len(relevance)  # compact: one voxel per slice, not a CT copy
@@ -178,7 +178,7 @@ def test_plot_shows_adapter_attention_and_the_prompts_relevance(scene, logic, se
     data = chart.GetNthPlotSeriesNode(0).GetTableNode()
     assert data.GetNumberOfRows() == len(result["slice_weights"])
     series = [chart.GetNthPlotSeriesNode(i) for i in range(2)]
-    again = logic.showResults(node, result, out["table"], out["attention"], chart, prompt=PROMPTS[1])
+    again = logic.showResults(node, result, out["table"], out["relevance"], chart, prompt=PROMPTS[1])
     assert again["chart"].GetNthPlotSeriesNode(0) is series[0]  # updated in place, not duplicated
     assert chart.GetNumberOfPlotSeriesNodes() == 2
     assert chart.GetNthPlotSeriesNode(1).GetName() == f"relevance: {PROMPTS[1]}"
@@ -194,8 +194,8 @@ def test_mean_pooling_shows_relevance_and_a_flat_curve_is_never_a_veil(scene, lo
         f"relevance: {out['prompt']}"]  # no uniform "attention" line for mean pooling
     flat = {**result, "prompts": [{**p, "relevance": [1 / len(p["relevance"])] * len(p["relevance"])}
                                   for p in result["prompts"]]}
-    shown = logic.showResults(node, flat, out["table"], out["attention"], chart)
-    assert shown["overlay_visible"] is False and not out["attention"].GetDisplayNode().GetVisibility()
+    shown = logic.showResults(node, flat, out["table"], out["relevance"], chart)
+    assert shown["overlay_visible"] is False and not out["relevance"].GetDisplayNode().GetVisibility()
 
 
 def test_volume_key_changes_with_voxels_and_geometry(scene, logic, mni):
@@ -215,7 +215,7 @@ def test_peak_slice_position_comes_from_the_attention_volume(scene, logic, sessi
     node = load(scene, chest_ct, "chest-jump")
     result = rank(session, logic, node, PROMPTS[:2], radclip_dir, max_slices=8)
     out = logic.showResults(node, result)
-    ras = logic.peakSliceRas(node, out["attention"])
+    ras = logic.peakSliceRas(node, out["relevance"])
     ijk = np.linalg.inv(ijkToRasArray(node)) @ np.r_[ras, 1]
     pooled = 2 - result["slice_axis"]
     assert round(ijk[pooled]) == out["peak_slice"]

@@ -72,7 +72,7 @@ def save_png(v, path):
 
 def overlay_pixels(app, v, ct, attention):
     """Pixels the overlay changes: a render with it minus a render without it."""
-    slicer.util.setSliceViewerLayers(background=ct, foreground=attention, foregroundOpacity=0.5)
+    RadCLIPSlicerMRMLLogic.showInViewers(ct, attention)
     with_overlay = render(v)
     slicer.util.setSliceViewerLayers(foreground=None)
     without = render(v)
@@ -115,17 +115,17 @@ def test_the_band_lies_on_its_slice_in_a_coronal_view(app, chest_ct, geometry):
     out = logic.showResults(ct, peaked_result(n, peak, 0))
     assert out["overlay_visible"]
     v = view(app, "Coronal")
-    slicer.util.setSliceViewerLayers(background=ct, foreground=out["attention"], foregroundOpacity=0.5)
+    logic.showInViewers(ct, out["relevance"])
     v.fit_view_to_content()
-    pixels = overlay_pixels(app, v, ct, out["attention"])
+    pixels = overlay_pixels(app, v, ct, out["relevance"])
     assert len(pixels) > 50, "the band is not drawn"
     k = continuous_slice(v, ct, pixels, pooled=2)
     assert np.all(np.abs(k - peak) <= 1.0), (k.min(), k.max())  # within one slice of its own
     # and a flat curve paints nothing: no veil over every slice
-    flat = logic.showResults(ct, peaked_result(n, peak, 0), out["table"], out["attention"], out["chart"],
+    flat = logic.showResults(ct, peaked_result(n, peak, 0), out["table"], out["relevance"], out["chart"],
                              prompt="A puppy")
     assert flat["overlay_visible"] is False
-    assert len(overlay_pixels(app, v, ct, out["attention"])) == 0
+    assert len(overlay_pixels(app, v, ct, out["relevance"])) == 0
 
 
 def test_the_axial_view_is_coloured_on_the_peak_slice_only(app, chest_ct, tmp_path):
@@ -134,10 +134,10 @@ def test_the_axial_view_is_coloured_on_the_peak_slice_only(app, chest_ct, tmp_pa
     peak, n = 70, ct.GetImageData().GetDimensions()[2]
     out = logic.showResults(ct, peaked_result(n, peak, 0))
     v = view(app, "Axial")
-    slicer.util.setSliceViewerLayers(background=ct, foreground=out["attention"], foregroundOpacity=0.5)
+    logic.showInViewers(ct, out["relevance"])
     v.fit_view_to_content()
     on, off = logic.sliceCentreRas(ct, 0, peak), logic.sliceCentreRas(ct, 0, peak + 10)
     v.set_slice_value(float(on[2]))
-    assert len(overlay_pixels(app, v, ct, out["attention"])) > 0.2 * SIZE * SIZE * 0.3
+    assert len(overlay_pixels(app, v, ct, out["relevance"])) > 0.2 * SIZE * SIZE * 0.3
     v.set_slice_value(float(off[2]))
-    assert len(overlay_pixels(app, v, ct, out["attention"])) == 0
+    assert len(overlay_pixels(app, v, ct, out["relevance"])) == 0

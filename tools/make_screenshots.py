@@ -50,7 +50,7 @@ def main():
     out = logic.showResults(ct, result)
     views = {name: app.view_manager.create_view(definition) for name, definition in
              (("axial", ViewLayoutDefinition.axial_view()), ("coronal", ViewLayoutDefinition.coronal_view()))}
-    slicer.util.setSliceViewerLayers(background=ct, foreground=out["attention"], foregroundOpacity=0.5)
+    logic.showInViewers(ct, out["relevance"])
     Path(args.output).mkdir(parents=True, exist_ok=True)
     for name, view in views.items():
         view.render_window().SetSize(480, 480)

@@ -1,5 +1,5 @@
 """The module's MRML work, free of Qt, widgets and torch: volume node -> worker request, and the
-worker's result -> table, attention volume and chart nodes. Runs on Slicer's GUI thread, so it
+worker's result -> table, relevance volume and chart nodes. Runs on Slicer's GUI thread, so it
 only reads and writes MRML; every model computation happens in the worker process.
 
     logic = RadCLIPSlicerMRMLLogic()
@@ -18,10 +18,10 @@ import vtk
 from RadCLIPCore.errors import RadCLIPError
 from RadCLIPCore.volume_io import ijk_axis
 
+from .overlay import FOREGROUND_OPACITY, applyRelevanceDisplay
+
 TABLE_COLUMNS = ("prompt", "probability", "cosine")
 SEGMENT_TABLE_COLUMNS = ("segment", "prompt", "probability", "cosine")
-HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
-FLAT = 0.02  # a curve whose peak is within 2% of uniform says nothing: never paint it as a veil
 
 
 def ijkToRasArray(volumeNode) -> np.ndarray:
@@ -97,30 +97,30 @@ class RadCLIPSlicerMRMLLogic:
         return labels, names
 
     # ------------------------------------------------------------------ results (GUI thread: MRML writes)
-    def showResults(self, volumeNode, result: dict, tableNode=None, attentionNode=None, chartNode=None,
+    def showResults(self, volumeNode, result: dict, tableNode=None, relevanceNode=None, chartNode=None,
                     prompt: str | None = None) -> dict:
-        """Fill (or create) the table, the attention volume and the chart from a worker `result`.
+        """Fill (or create) the table, the relevance volume and the chart from a worker `result`.
         The viewers show `prompt`'s relevance (default: the best prompt). Returns the nodes and
         what the overlay shows."""
         scene = volumeNode.GetScene()
         tableNode = tableNode or scene.AddNewNodeByClass("vtkMRMLTableNode", f"{volumeNode.GetName()} prompts")
         self.fillTable(tableNode, [(None, result["prompts"])])
-        attentionNode = attentionNode or scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+        relevanceNode = relevanceNode or scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
                                                                   f"{volumeNode.GetName()} slice relevance")
         chartNode = chartNode or scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{volumeNode.GetName()} slices")
-        shown = self.showPrompt(volumeNode, result, prompt or result["prompts"][0]["text"], attentionNode, chartNode)
-        return {"table": tableNode, "attention": attentionNode, "chart": chartNode, **shown}
+        shown = self.showPrompt(volumeNode, result, prompt or result["prompts"][0]["text"], relevanceNode, chartNode)
+        return {"table": tableNode, "relevance": relevanceNode, "chart": chartNode, **shown}
 
-    def showPrompt(self, volumeNode, result: dict, prompt: str, attentionNode, chartNode) -> dict:
+    def showPrompt(self, volumeNode, result: dict, prompt: str, relevanceNode, chartNode) -> dict:
         """Show `prompt`'s per-slice relevance over the viewers and in the chart (beside the
         adapter's attention when the model has one)."""
         entry = next((p for p in result["prompts"] if p["text"] == prompt), None)
         if entry is None:
             raise RadCLIPError(f"'{prompt}' is not among the ranked prompts")
         relevance = np.asarray(entry["relevance"], dtype=np.float32)
-        visible = self.updateAttentionVolume(attentionNode, volumeNode, relevance, result["slice_axis"])
-        attentionNode.SetAttribute("RadCLIP.prompt", prompt)
-        attentionNode.SetAttribute("RadCLIP.plane", result["plane"])
+        visible = self.updateRelevanceVolume(relevanceNode, volumeNode, relevance, result["slice_axis"])
+        relevanceNode.SetAttribute("RadCLIP.prompt", prompt)
+        relevanceNode.SetAttribute("RadCLIP.plane", result["plane"])
         curves = {}
         if result.get("pooling") == "adapter":
             curves["adapter attention"] = np.asarray(result["slice_weights"], dtype=float)
@@ -163,8 +163,8 @@ class RadCLIPSlicerMRMLLogic:
 
     # ------------------------------------------------------------------ geometry
     @staticmethod
-    def attentionGeometry(volumeNode, sliceAxis: int) -> tuple:
-        """(shape (k, j, i), IJK-to-RAS 4x4) of the compact attention volume: the pooled axis keeps
+    def relevanceGeometry(volumeNode, sliceAxis: int) -> tuple:
+        """(shape (k, j, i), IJK-to-RAS 4x4) of the compact relevance volume: the pooled axis keeps
         every slice at the input's positions; each in-plane axis is one voxel spanning the input's
         whole extent. Its slice s coincides in RAS with the input's slice s."""
         matrix = ijkToRasArray(volumeNode)
@@ -182,34 +182,29 @@ class RadCLIPSlicerMRMLLogic:
         out[:3, 3] = matrix[:3, :3] @ centre + matrix[:3, 3]
         return (size[2], size[1], size[0]), out
 
-    def updateAttentionVolume(self, attentionNode, volumeNode, weights, sliceAxis: int) -> bool:
+    def updateRelevanceVolume(self, relevanceNode, volumeNode, weights, sliceAxis: int) -> bool:
         """Per-slice `weights` (sum 1) as a compact volume over the input. Slices above the uniform
         level are coloured, the rest are transparent; a flat curve is not shown at all (a veil over
         every slice would say nothing). Returns whether the overlay shows anything."""
-        shape, matrix = self.attentionGeometry(volumeNode, sliceAxis)
+        shape, matrix = self.relevanceGeometry(volumeNode, sliceAxis)
         weights = np.asarray(weights, dtype=np.float32)
-        slicer.util.updateVolumeFromArray(attentionNode, weights.reshape(shape))  # one axis has length n
+        slicer.util.updateVolumeFromArray(relevanceNode, weights.reshape(shape))  # one axis has length n
         vtkMatrix = vtk.vtkMatrix4x4()
         for r in range(4):
             for c in range(4):
                 vtkMatrix.SetElement(r, c, matrix[r, c])
-        attentionNode.SetIJKToRASMatrix(vtkMatrix)
-        if attentionNode.GetDisplayNode() is None:
-            attentionNode.CreateDefaultDisplayNodes()
-        display = attentionNode.GetDisplayNode()
-        if volumeNode.GetScene().GetNodeByID(HEAT_COLOR_NODE_ID) is not None:
-            display.SetAndObserveColorNodeID(HEAT_COLOR_NODE_ID)
-        uniform, peak = 1.0 / len(weights), float(weights.max())
-        visible = peak > uniform * (1 + FLAT)
-        display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(uniform, peak if visible else uniform * (1 + FLAT))
-        display.SetApplyThreshold(True)  # below the uniform level: transparent, not a dark veil
-        display.SetThreshold(uniform if visible else peak + 1.0, max(peak, uniform) + 1.0)
-        display.SetInterpolate(False)
-        display.SetVisibility(visible)
-        attentionNode.SetAttribute("RadCLIP.sourceVolumeID", volumeNode.GetID())
-        attentionNode.SetAttribute("RadCLIP.sliceAxis", str(sliceAxis))
+        relevanceNode.SetIJKToRASMatrix(vtkMatrix)
+        visible = applyRelevanceDisplay(relevanceNode, weights)
+        relevanceNode.SetAttribute("RadCLIP.sourceVolumeID", volumeNode.GetID())
+        relevanceNode.SetAttribute("RadCLIP.sliceAxis", str(sliceAxis))
         return visible
+
+    @staticmethod
+    def showInViewers(volumeNode, relevanceNode):
+        """Every slice viewer: the ranked volume as background, its relevance as foreground (the
+        overlay's own colour table carries the opacity; see overlay.py)."""
+        slicer.util.setSliceViewerLayers(background=volumeNode, foreground=relevanceNode,
+                                         foregroundOpacity=FOREGROUND_OPACITY)
 
     @staticmethod
     def slicePositionsMm(volumeNode, sliceAxis: int, count: int) -> np.ndarray:
@@ -268,11 +263,11 @@ class RadCLIPSlicerMRMLLogic:
         ijk[ijk_axis(sliceAxis)] = sliceIndex
         return (matrix @ ijk)[:3]
 
-    def peakSliceRas(self, volumeNode, attentionNode) -> np.ndarray:
-        """RAS centre of the input slice where the shown curve peaks, read from the attention volume
+    def peakSliceRas(self, volumeNode, relevanceNode) -> np.ndarray:
+        """RAS centre of the input slice where the shown curve peaks, read from the relevance volume
         itself (no model, no worker: works after a scene reload too)."""
-        if attentionNode is None or attentionNode.GetImageData() is None:
+        if relevanceNode is None or relevanceNode.GetImageData() is None:
             raise RadCLIPError("rank the prompts first")
-        sliceAxis = int(attentionNode.GetAttribute("RadCLIP.sliceAxis") or 0)
-        weights = slicer.util.arrayFromVolume(attentionNode).ravel()
+        sliceAxis = int(relevanceNode.GetAttribute("RadCLIP.sliceAxis") or 0)
+        weights = slicer.util.arrayFromVolume(relevanceNode).ravel()
         return self.sliceCentreRas(volumeNode, sliceAxis, int(np.argmax(weights)))
