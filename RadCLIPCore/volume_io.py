@@ -98,6 +98,8 @@ def check_readable(path) -> Path:
         raise RadCLIPError(f"file not found: {path}")
     if path.is_dir():
         return path
+    if not path.is_file():  # a FIFO, socket or device: reading one can block for ever
+        raise RadCLIPError(f"not a regular file: {path}")
     name = path.name.lower()
     if "." in name and not name.endswith(SUPPORTED_SUFFIXES) and not looks_like_dicom(path):
         raise RadCLIPError(

@@ -4,14 +4,8 @@ The serve command owns stdin/stdout and threads; this module only computes. A `W
 keeps loaded models and, per model, the volume embeddings it made, so a second request for the
 same volume with new prompts costs only the text tower.
 
-Requests are dicts (the JSON objects of the protocol). A `rank` request names its volume one of
-three ways, so that a worker on another machine (no shared files) gets the voxels themselves:
-- `"volume": "/path/ct.nii.gz"`: any file `read_volume` reads (the worker must see the path);
-- `"array": {"npy": "/tmp/x.npy"}` + `"ijk_to_ras"`: a numpy file written by the client;
-- `"array": {"dtype": "int16", "shape": [k, j, i], "zlib_b64": "..."}` + `"ijk_to_ras"`: inline voxels.
-With `"volume_key"` (any string that changes when the voxels or geometry change) the worker
-remembers the volume; a later request may then send the key alone. A key it no longer holds is
-answered with an error whose `code` is `need_volume`, and the client resends the voxels.
+Requests are dicts: the JSON objects of `RadCLIPCore.protocol`, where every op, field, event and
+the result record is defined; `serve` checks each request there before it reaches this module.
 """
 from __future__ import annotations
 
@@ -27,7 +21,7 @@ from .errors import RadCLIPError
 from .volume_io import Volume, read_volume
 from .loading import load_model
 from .presets import DEFAULT_MODEL
-from .protocol import decode_array
+from . import protocol as P
 
 VOLUMES_KEPT = 4  # volumes remembered by key (the model's own cache keeps their embeddings)
 
@@ -39,7 +33,7 @@ class Cancelled(Exception):
 class NeedVolume(RadCLIPError):
     """The request gave only a `volume_key` this worker does not hold."""
 
-    code = "need_volume"
+    code = P.NEED_VOLUME
 
 
 class WorkerSession:
@@ -56,7 +50,7 @@ class WorkerSession:
                request.get("precision", "auto"), bool(request.get("offline")), request.get("config"),
                request.get("pooling"))
         if key not in self._models:
-            emit({"event": "progress", "stage": "loading model", "detail": key[0]})
+            emit({"event": P.PROGRESS, "stage": P.LOADING_MODEL, "detail": key[0]})
             self._models[key] = load_model(key[0], device=key[1], precision=key[2], offline=key[3] or None,
                                            config=key[4], pooling=key[5])
         return self._models[key]
@@ -79,12 +73,12 @@ class WorkerSession:
             volume = read_volume(str(request["volume"]))
         elif "array" in request:
             if "ijk_to_ras" not in request:
-                raise RadCLIPError("'array' needs 'ijk_to_ras' (the 4x4 IJK-to-RAS matrix)")
-            volume = Volume.from_ijk_to_ras(decode_array(request["array"]), request["ijk_to_ras"])
+                raise P.ProtocolError("'array' needs 'ijk_to_ras' (the 4x4 IJK-to-RAS matrix)")
+            volume = Volume.from_ijk_to_ras(P.decode_array(request["array"]), P.ijk_to_ras(request["ijk_to_ras"]))
         elif key is not None:
             raise NeedVolume(f"this worker does not hold volume '{key}'; send its voxels")
         else:
-            raise RadCLIPError("a rank request needs 'volume' (a path) or 'array' with 'ijk_to_ras'")
+            raise P.ProtocolError("a rank request needs 'volume' (a path) or 'array' with 'ijk_to_ras'")
         if key is not None:
             self._volumes[key] = volume
             while len(self._volumes) > VOLUMES_KEPT:
@@ -94,9 +88,7 @@ class WorkerSession:
     # ------------------------------------------------------------------ requests
     def rank_request(self, request: dict, emit: Callable[[dict], None], cancelled: Callable[[], bool]) -> dict:
         """The `rank` op: the `rank --json` record, plus per-segment rankings for a label map."""
-        prompts = request.get("prompts")
-        if not isinstance(prompts, list) or not prompts:
-            raise RadCLIPError("'prompts' must be a non-empty list of texts")
+        prompts = P.check_rank(request)["prompts"]
         model = self.model(request, emit)
         max_slices = request.get("max_slices") or None  # 0 = every slice
         plane = request.get("plane") or None
@@ -108,7 +100,7 @@ class WorkerSession:
             if cancelled():
                 raise Cancelled()
             embedded.append(done)
-            emit({"event": "progress", "stage": "embedding slices", "done": done, "total": total})
+            emit({"event": P.PROGRESS, "stage": P.EMBEDDING_SLICES, "done": done, "total": total})
 
         if cancelled():
             raise Cancelled()
@@ -127,7 +119,7 @@ class WorkerSession:
             self._embeddings[remembered] = emb
             while len(self._embeddings) > VOLUMES_KEPT:
                 self._embeddings.popitem(last=False)
-        emit({"event": "progress", "stage": "ranking prompts"})
+        emit({"event": P.PROGRESS, "stage": P.RANKING_PROMPTS})
         record = model.ranking_record(emb, prompts)
         record["embedded"] = bool(embedded)  # False: served from the embedding cache
         if anatomies is not None:
@@ -140,9 +132,9 @@ class WorkerSession:
 
     @staticmethod
     def _labelmap(request) -> LabelMap:
-        matrix = request.get("labelmap_ijk_to_ras", request.get("ijk_to_ras"))
         names = {int(k): str(v) for k, v in (request.get("segments") or {}).items()}
-        return LabelMap(Volume.from_ijk_to_ras(decode_array(request["labelmap"]), matrix), names)
+        return LabelMap(Volume.from_ijk_to_ras(P.decode_array(request["labelmap"]), P.ijk_to_ras(request["ijk_to_ras"])),
+                        names)
 
 
 def release_memory():

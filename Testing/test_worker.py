@@ -180,3 +180,152 @@ def test_inline_transport_to_a_worker_that_cannot_see_our_files(tmp_path, radcli
     finally:
         c.close()
         subprocess.run(["rm", "-rf", str(model_copy)])
+
+
+def test_label_maps_are_deleted_when_their_request_ends(client, radclip_dir, ct_array):
+    """Each segmentation request writes its label map for the worker; none may stay behind (tens to
+    hundreds of MB per click on a real CT). The volume's own file is kept once, for the next request."""
+    array, matrix = ct_array
+    labels = np.zeros(array.shape, np.uint8)
+    labels[20:40, 200:300, 150:350] = 1
+    for prompts in (PROMPTS, ["Head CT", "A cat"], ["Brain MRI"]):
+        final = client.wait(client.send_rank(prompts, array, matrix, volume_key="ct-seg", labelmap=labels,
+                                             segments={1: "box"}, model=str(radclip_dir), max_slices=8))
+        assert final["event"] == "result" and final["result"]["segments"][0]["segment"] == "box", final
+    files = sorted(p.name for p in Path(client._tmp.name).glob("*.npy"))
+    assert len(files) == 1, files  # the volume's file only
+
+
+def test_the_panel_and_a_script_never_take_each_others_events(client, radclip_dir, ct_array):
+    array, matrix = ct_array
+    a = client.send_rank(PROMPTS, array, matrix, volume_key="ct-a", model=str(radclip_dir), max_slices=8)
+    b = client.send_rank(["Head CT"], array, matrix, volume_key="ct-a", model=str(radclip_dir), max_slices=8)
+    final_b = client.wait(b)  # a script waits for its own request while the panel's runs
+    assert final_b["event"] == "result" and final_b["id"] == b
+    events = []
+    while not any(e.get("event") in ("result", "error") for e in events):
+        events += client.poll([a])  # the panel polls for its own
+        time.sleep(0.05)
+    assert {e["id"] for e in events} == {a} and events[-1]["event"] == "result"
+
+
+@pytest.fixture
+def hanging_hub():
+    """An HTTP endpoint that accepts connections and never answers: a model download that hangs."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for s in held:
+        s.close()
+
+
+def _loading(c, rid):
+    """Poll until request `rid` reports that the worker loads its model."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(e.get("stage") == "loading model" for e in c.poll([rid])):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the worker never started loading the model")
+
+
+def test_cancel_while_the_model_downloads_kills_the_worker_at_once(tmp_path, hanging_hub, radclip_dir, ct_array):
+    """A download (or a load) cannot be interrupted inside the worker: the client kills it, the
+    request ends `cancelled` (not an error), and the next request starts a fresh worker."""
+    env = dict(os.environ, HF_ENDPOINT=hanging_hub, HF_HOME=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="600",
+               HF_HUB_DOWNLOAD_TIMEOUT="600")
+    env.pop("HF_HUB_OFFLINE", None)
+    c = WorkerClient(env=env)
+    try:
+        array, matrix = ct_array
+        rid = c.send_rank(PROMPTS, array, matrix, model="someone/some-clip", max_slices=4)
+        _loading(c, rid)
+        time.sleep(1.0)  # inside the download now
+        first = c.pid
+        c.cancel(rid)
+        final = c.wait(rid, timeout=30)
+        assert final["event"] == "cancelled", final
+        assert c.deaths == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)
+        final = c.wait(c.send_rank(PROMPTS, array, matrix, model=str(radclip_dir), max_slices=4))
+        assert final["event"] == "result" and c.pid != first
+    finally:
+        c.close()
+
+
+def test_stopping_a_worker_that_loads_a_model_never_waits_for_it(tmp_path, hanging_hub, ct_array):
+    """Reload, exit or a new worker command stop the worker from Slicer's GUI thread: stop() returns
+    while the worker is still busy (it cannot answer `shutdown` while it downloads), pending requests
+    end `cancelled` at once, and the worker is killed shortly after."""
+    env = dict(os.environ, HF_ENDPOINT=hanging_hub, HF_HOME=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="600",
+               HF_HUB_DOWNLOAD_TIMEOUT="600")
+    env.pop("HF_HUB_OFFLINE", None)
+    c = WorkerClient(env=env)
+    array, matrix = ct_array
+    rid = c.send_rank(PROMPTS, array, matrix, model="someone/some-clip", max_slices=4)
+    _loading(c, rid)
+    process = c._process
+    c.stop(timeout=3.0)
+    assert process.poll() is None  # stop() did not wait for the worker
+    assert [e["event"] for e in c.poll([rid])] == ["cancelled"]
+    assert process.wait(timeout=30) is not None  # killed by the reaper (it never answered shutdown)
+    c.close()
+
+
+def _fifo(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "voxels.npy"
+    os.mkfifo(path)
+    return str(path)
+
+
+def test_bad_requests_get_one_error_each_and_never_kill_hang_or_wedge_the_worker(client, radclip_dir, tmp_path):
+    """Each request is checked when it arrives: ids, types and bounds of every field, voxel files
+    that are not regular files (a FIFO would block the reader for ever), inline voxels that inflate
+    past their declared size (a decompression bomb)."""
+    import base64
+    import zlib
+
+    pid = client.wait(client.request("ping"))["pid"]
+    bomb = base64.b64encode(zlib.compress(b"\0" * (64 << 20))).decode()
+    eye = np.eye(4).tolist()
+    bad = [
+        {"prompts": "Chest CT"}, {"prompts": [1, 2]}, {"prompts": ["x" * 100_000]},
+        {"prompts": ["a"] * 5000}, {"prompts": PROMPTS, "max_slices": -1}, {"prompts": PROMPTS, "max_slices": True},
+        {"prompts": PROMPTS, "batch_size": 0}, {"prompts": PROMPTS, "plane": "oblique"},
+        {"prompts": PROMPTS, "no_such_field": 1}, {"prompts": PROMPTS, "ijk_to_ras": [[1, 2], [3]]},
+        {"prompts": PROMPTS, "array": {"npy": _fifo(tmp_path)}, "ijk_to_ras": eye},
+        {"prompts": PROMPTS, "array": {"dtype": "<i2", "shape": [2, 2, 2], "zlib_b64": bomb}, "ijk_to_ras": eye},
+        {"prompts": PROMPTS, "array": {"dtype": "|O", "shape": [2], "zlib_b64": ""}, "ijk_to_ras": eye},
+        {"prompts": PROMPTS, "array": {"dtype": "<f4", "shape": [100000, 100000, 100000], "zlib_b64": ""},
+         "ijk_to_ras": eye},
+        {"prompts": PROMPTS, "segments": {"one": "liver"}},
+    ]
+    for fields in bad:
+        final = client.wait(client.request("rank", **{"model": str(radclip_dir), **fields}), timeout=60)
+        assert final["event"] == "error" and "\n" not in final["message"], (fields.keys(), final)
+    for line in ('{"id": NaN, "op": "rank"}', '{"id": [1], "op": "ping"}', '{"id": {"a": 1}, "op": "rank"}',
+                 '{"id": 1.5, "op": "ping"}', '[1, 2]', '{"op": "rank", "id": 7, "prompts": {"a": 1}}'):
+        client._process.stdin.write(line.encode() + b"\n")
+        client._process.stdin.flush()
+    pong = client.wait(client.request("ping"), timeout=60)
+    assert pong["event"] == "pong" and pong["pid"] == pid  # the same process, still serving
+    for volume in (_fifo(tmp_path / "v"), str(tmp_path)):  # a FIFO and a folder as the volume
+        final = client.wait(client.request("rank", prompts=PROMPTS, model=str(radclip_dir), volume=volume), timeout=60)
+        assert final["event"] == "error" and "\n" not in final["message"], final

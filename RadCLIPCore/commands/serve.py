@@ -3,16 +3,12 @@
 JSON lines on stdin, JSON lines on stdout, logs on stderr. Every request is an object with an
 `id` and an `op`; every reply carries the request's `id` and an `event`:
 
-- `{"id": 1, "op": "rank", ...}` (fields in `RadCLIPCore.worker`) -> `progress` events, then one
-  `result` (the `rank --json` record plus segments) or one `error` with a one-line `message`;
-- `{"id": 1, "op": "cancel"}` stops running (or queued) request 1 within one slice batch; request 1
-  then answers `cancelled`;
-- `{"id": 2, "op": "unload"}` frees models and caches (RAM and GPU) -> `unloaded`;
-- `{"id": 3, "op": "ping"}` -> `pong` with the worker's versions and devices;
-- `{"id": 4, "op": "shutdown"}` (or end of input) -> `bye`, exit status 0.
+`id` and an `op`; every reply carries the request's `id` and an `event`. The ops, events, fields
+and the result record are defined once, in `RadCLIPCore.protocol`.
 
 Requests run one at a time, in order, on a compute thread; this thread only reads stdin, so a
-cancel is seen while a request computes. A bad request gets an `error` event; the worker lives on.
+cancel is seen while a request computes. Each request is checked when it arrives (types and
+bounds of every field): a bad one gets an `error` event at once, and the worker lives on.
 """
 from __future__ import annotations
 
@@ -23,11 +19,11 @@ import queue
 import sys
 import threading
 
+from .. import protocol as P
 from ..errors import RadCLIPError
 from ..worker import Cancelled, WorkerSession
 
 log = logging.getLogger("RadCLIPCore")
-COMPUTE_OPS = ("rank", "unload")
 
 
 class _Protocol:
@@ -95,17 +91,17 @@ def serve(stdin=None, stdout=None) -> int:
             try:
                 if rid in cancelled:
                     raise Cancelled()
-                if request["op"] == "rank":
-                    emit({"event": "result", "result": session.rank_request(request, emit, lambda: rid in cancelled)})
+                if request["op"] == P.RANK:
+                    emit({"event": P.RESULT, "result": session.rank_request(request, emit, lambda: rid in cancelled)})
                 else:
                     session.unload()
-                    emit({"event": "unloaded"})
+                    emit({"event": P.UNLOADED})
             except Cancelled:
-                emit({"event": "cancelled"})
+                emit({"event": P.CANCELLED})
             except BaseException as exc:  # a bad request never kills the worker
                 if not isinstance(exc, RadCLIPError):
                     log.exception("request %s failed", rid)
-                emit({"event": "error", "message": _one_line(exc), "code": getattr(exc, "code", None)})
+                emit({"event": P.ERROR, "message": _one_line(exc), "code": getattr(exc, "code", P.FAILED)})
             finally:
                 cancelled.discard(rid)
                 state["running"] = None
@@ -118,30 +114,35 @@ def serve(stdin=None, stdout=None) -> int:
             if not line.strip():
                 continue
             try:
-                request = json.loads(line)
-                if not isinstance(request, dict) or "op" not in request:
-                    raise ValueError("a request is an object with 'id' and 'op'")
-            except ValueError as exc:
-                protocol.emit({"id": None, "event": "error", "message": f"bad request: {exc}"})
+                request = P.parse_request(line)
+                if request["op"] == P.RANK:
+                    P.check_rank(request)
+            except P.ProtocolError as exc:
+                protocol.emit({"id": _valid_id(line), "event": P.ERROR, "message": str(exc), "code": exc.code})
                 continue
             op, rid = request["op"], request.get("id")
-            if op in COMPUTE_OPS:
+            if op in P.COMPUTE_OPS:
                 jobs.put(request)
-            elif op == "cancel":
+            elif op == P.CANCEL:
                 cancelled.add(rid)  # seen by the running request's next slice batch, or when dequeued
-            elif op == "ping":
-                protocol.emit({"id": rid, "event": "pong", **ping_info()})
-            elif op == "shutdown":
+            elif op == P.PING:
+                protocol.emit({"id": rid, "event": P.PONG, **ping_info()})
+            elif op == P.SHUTDOWN:
                 bye_id = rid
                 break
-            else:
-                protocol.emit({"id": rid, "event": "error",
-                               "message": f"unknown op '{op}' (rank, cancel, unload, ping, shutdown)"})
     finally:  # shutdown or end of input: cancel what runs and what waits, then stop
         cancelled.update(r.get("id") for r in list(jobs.queue) if r is not None)
         if state["running"] is not None:
             cancelled.add(state["running"])
         jobs.put(None)
         worker.join()
-    protocol.emit({"id": bye_id, "event": "bye"})
+    protocol.emit({"id": bye_id, "event": P.BYE})
     return 0
+
+
+def _valid_id(line: str):
+    """The id of a refused request, when the line is an object with a valid id (else None)."""
+    try:
+        return P.check_id(json.loads(line, parse_constant=float).get("id"))
+    except (ValueError, AttributeError, RadCLIPError):
+        return None
