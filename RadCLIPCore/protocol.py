@@ -158,6 +158,7 @@ def check_rank(request: dict) -> dict:
         if len(segments) > MAX_SEGMENTS:
             raise ProtocolError(f"at most {MAX_SEGMENTS} segments")
         for label, name in segments.items():
+            label = str(label)
             if not label.isdigit() or not 0 < int(label) < 2 ** 31 or not isinstance(name, str) \
                     or len(name) > MAX_TEXT_CHARS:
                 raise ProtocolError("'segments' maps positive integer labels (as text) to names")

@@ -10,7 +10,6 @@ idle, so a Python thread here would crawl, and a crash or out-of-memory in torch
 down. The GUI thread only reads MRML (a view of the voxels, the IJK-to-RAS matrix), hands them to
 the worker, polls for events with a timer and writes the results into MRML. It never imports torch.
 """
-import importlib
 import os
 import sys
 from typing import Annotated
@@ -37,7 +36,6 @@ for _candidate in (_HERE, os.path.dirname(_HERE)):
 from RadCLIPCore.presets import DISTRACTORS, LOCAL_MODEL_LABEL, PRESETS  # noqa: E402  (no torch: a small table)
 
 MINIMUM_SLICER = (5, 10)  # Python 3.12: transformers 5 needs Python >= 3.11 (Slicer 5.8 ships 3.9)
-TORCH_REQUIREMENT = ">=2.6"  # transformers 5 disables itself under torch < 2.6
 MODEL_LABELS = [p.label for p in PRESETS] + [LOCAL_MODEL_LABEL]
 DEFAULT_PROMPTS = "\n".join(["Brain MRI", "Head CT", "Chest CT", "Chest X-ray", "Abdomen CT", "Knee MRI", *DISTRACTORS])
 PROMPT_PRESETS = {
@@ -63,7 +61,7 @@ class RadCLIPSlicer(ScriptedLoadableModule):
         self.parent.title = _("RadCLIP")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Informatics")]
         self.parent.dependencies = []
-        self.parent.contributors = ["RadCLIPSlicer maintainers (RadCLIPSlicer project)"]
+        self.parent.contributors = ["RadCLIPSlicer contributors (RadCLIPSlicer project)"]
         self.parent.helpText = _(
             "Rank text prompts (one per line) for a volume with a radiology vision-language model, and see "
             "where along the volume each prompt matches (per-slice relevance) and, for models with a "
@@ -110,7 +108,8 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = None  # id of the request in flight
+        self._running = None  # the RankingRun in flight
+        self._unloading = None  # id of an unload request the worker has not answered yet
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._poll)
@@ -151,8 +150,12 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """Module reload or application exit: nothing here waits for the worker."""
         self._timer.stop()
         self.removeObservers()
+        if self._plotView is not None:  # the old widget's slot must not outlive a reload
+            self._plotView.disconnect("dataSelected(vtkStringArray*, vtkCollection*)", self.onPlotDataSelected)
+            self._plotView = None
         if self.logic is not None:
             self.logic.stopWorker()
 
@@ -166,7 +169,10 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event) -> None:
+        """A result that arrives after the scene closed has no nodes to go to: forget the run."""
         self.cancelRanking()
+        self._running = None
+        self.logic.forgetResults()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -210,10 +216,14 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.segmentTableView.setMRMLTableNode(p.segmentTable)
         self.ui.segmentTableView.visible = bool(p.segmentTable and p.inputSegmentation)
         running = self._running is not None
+        # a result belongs to its request: the inputs stay as they are until it has arrived
+        for name in ("inputVolumeSelector", "inputSegmentationSelector", "modelPresetComboBox", "planeComboBox",
+                     "maxSlicesSpinBox"):
+            getattr(self.ui, name).enabled = not running
         ready = bool(p.inputVolume and p.prompts.strip())
         self.ui.rankButton.enabled = running or ready
         self.ui.rankButton.text = _("Cancel") if running else _("Rank prompts")
-        local = p.modelPreset == MODEL_LABELS[-1]
+        local = p.modelPreset == MODEL_LABELS[-1] and not running
         self.ui.modelFolderLineEdit.enabled = self.ui.modelBrowseButton.enabled = local
         self.ui.jumpButton.enabled = bool(p.relevanceVolume and p.inputVolume)
 
@@ -247,10 +257,11 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             with slicer.util.tryWithErrorDisplay(_("Failed to rank the prompts."), waitCursor=True):
+                # first the worker command: a remote worker needs nothing installed in this Slicer
+                self.logic.setWorkerCommand(self.ui.workerCommandLineEdit.text.strip())
                 if not self.logic.ensureDependencies():
                     self.ui.statusLabel.text = _("RadCLIP needs PyTorch and transformers; installation was declined.")
                     return
-                self.logic.setWorkerCommand(self.ui.workerCommandLineEdit.text.strip())
                 self._running = self.logic.startRanking(self._parameterNode)
                 self.ui.progressBar.setRange(0, 0)  # busy until the first progress event
                 self.ui.statusLabel.text = _("Starting…")
@@ -260,34 +271,44 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cancelRanking(self) -> None:
         if self._running is not None and self.logic is not None:
-            self.logic.cancel(self._running)
+            self.logic.cancel(self._running.requestId)
             self.ui.statusLabel.text = _("Cancelling…")
 
     def _poll(self) -> None:
-        """GUI thread, every 100 ms while a request runs: progress, then the result or an error."""
-        for event in self.logic.poll():
-            if event.get("event") == "pong":
-                self._setDevices(event.get("devices", []))
-            if event.get("id") != self._running:
-                continue
+        """GUI thread, every 100 ms while a request runs: progress, then the result or an error.
+        Only this panel's requests: a script's requests keep their own events."""
+        from RadCLIPCore import protocol as P
+
+        ids = [self.logic.pingId, self._unloading] + ([self._running.requestId] if self._running else [])
+        for event in self.logic.poll([i for i in ids if i is not None]):
             kind = event.get("event")
-            if kind == "progress":
-                self._showProgress(event)
-                continue
-            self._finish(event)
+            if kind == P.PONG:
+                self._setDevices(event.get("devices", []))
+            elif event.get("id") == self._unloading and kind in P.FINAL_EVENTS:
+                self._unloading = None
+                self.ui.statusLabel.text = (_("Model unloaded: its memory is free again.") if kind == P.UNLOADED
+                                            else event.get("message") or _("The worker stopped."))
+            elif self._running is not None and event.get("id") == self._running.requestId:
+                if kind == P.PROGRESS:
+                    self._showProgress(event)
+                else:
+                    self._finish(event)
+        if self._running is None and self._unloading is None:
+            self._timer.stop()
 
     def _showProgress(self, event) -> None:
+        from RadCLIPCore import protocol as P
+
         total = event.get("total")
         if total:
             self.ui.progressBar.setRange(0, total)
             self.ui.progressBar.value = event.get("done", 0)
-        self.ui.statusLabel.text = {"loading model": _("Loading the model (a first use downloads it)…"),
-                                    "embedding slices": _("Embedding slices…"),
-                                    "ranking prompts": _("Ranking the prompts…")}.get(event.get("stage"), "")
+        self.ui.statusLabel.text = {P.LOADING_MODEL: _("Loading the model (a first use downloads it)…"),
+                                    P.EMBEDDING_SLICES: _("Embedding slices…"),
+                                    P.RANKING_PROMPTS: _("Ranking the prompts…")}.get(event.get("stage"), "")
 
     def _finish(self, event) -> None:
-        self._running = None
-        self._timer.stop()
+        run, self._running = self._running, None
         self.ui.progressBar.setRange(0, 1)
         self.ui.progressBar.value = 1 if event.get("event") == "result" else 0
         try:
@@ -297,11 +318,11 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif kind == "error":
                 self.ui.statusLabel.text = event.get("message", "")
                 slicer.util.errorDisplay(_("Failed to rank the prompts: {message}").format(message=event.get("message")))
-            elif kind == "result":
+            elif kind == "result" and self._parameterNode is not None:
                 with slicer.util.tryWithErrorDisplay(_("Failed to show the results."), waitCursor=True):
                     self.ui.resultsTableView.clearSelection()  # the best prompt is shown first
-                    self.ui.statusLabel.text = self.logic.finishRanking(self._parameterNode, event["result"])
-                    self.logic.showResults(self._parameterNode, slicer.app.layoutManager().plotViewCount > 0)
+                    self.ui.statusLabel.text = self.logic.finishRanking(self._parameterNode, run, event["result"])
+                    self.logic.showResults(self._parameterNode)
                     self._plotViewReady()  # now there is a plot view: connect its clicks
         finally:
             self._updateGui()
@@ -350,8 +371,12 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUnloadButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not unload the model."), waitCursor=False):
-            self.logic.unload()
-            self.ui.statusLabel.text = _("Model unloaded: its memory is free again.")
+            self._unloading = self.logic.unload()
+            if self._unloading is None:
+                self.ui.statusLabel.text = _("No model is loaded.")
+                return
+            self.ui.statusLabel.text = _("Unloading the model…")  # said done when the worker answers
+            self._timer.start()
 
 
 #
@@ -362,6 +387,9 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
 
         logic = slicer.util.getModuleLogic("RadCLIPSlicer")   # or RadCLIPSlicerLogic()
         table = logic.rankVolume(volumeNode, ["Chest CT", "Brain MRI"], model="/path/to/model")
+
+    What a result looks like in the scene is decided in one place, RadCLIPSlicerLib's
+    RadCLIPSlicerMRMLLogic; this class adds the worker process and the application (layout, chart).
     """
 
     def __init__(self) -> None:
@@ -369,7 +397,7 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
         self._mrmlLogic = None
         self._client = None
         self._workerCommand = ""
-        self._result = None  # the last worker result: per-prompt relevance for row selection
+        self.pingId = None
 
     def getParameterNode(self):
         return RadCLIPSlicerParameterNode(super().getParameterNode())
@@ -398,79 +426,63 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
 
             command = self._workerCommand or default_command(shutil.which("PythonSlicer") or sys.executable)
             self._client = WorkerClient(command, transport="inline" if self._workerCommand else "file")
-            self._client.request("ping")  # the devices it sees fill the device list
+            self.pingId = self._client.request("ping")  # the devices it sees fill the device list
         return self._client
 
     def stopWorker(self) -> None:
+        """Returns at once: the worker is asked to exit and killed if it does not (see WorkerClient)."""
         if self._client is not None:
             self._client.close()
             self._client = None
+            self.pingId = None
 
-    def poll(self) -> list:
-        return self.client.poll() if self._client is not None else []
+    def poll(self, ids) -> list:
+        return self._client.poll(ids) if self._client is not None else []
 
     def cancel(self, requestId) -> None:
         if self._client is not None:
             self._client.cancel(requestId)
 
-    def unload(self) -> None:
+    def unload(self):
+        """Ask the worker to free its models; returns the request id (None: no worker runs)."""
         if self._client is not None and self._client.running:
-            self._client.request("unload")
+            return self._client.request("unload")
+        return None
+
+    def forgetResults(self) -> None:
+        self.mrmlLogic.forget()
 
     # ---------------------------------------------------------------- dependencies (first use)
     def ensureDependencies(self) -> bool:
-        """torch through the PyTorch extension (the right CUDA build), the rest through pip; checked by
-        package metadata, so torch is never imported into Slicer's own process."""
-        from importlib import metadata
+        """What the worker needs in this Slicer's Python, asked for once and then installed: torch (the
+        build for this machine, chosen by light-the-torch, without torchvision) and the packages of
+        requirements.txt. Nothing for a remote worker. Checked from package metadata and installed in
+        subprocesses: torch is never imported into Slicer's process. Returns False if declined."""
+        from RadCLIPSlicerLib.dependencies import TORCH_REQUIREMENT, missingForWorker
 
-        try:
-            metadata.version("torch")
-        except metadata.PackageNotFoundError:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise RuntimeError(_("Install the PyTorch extension from the Extensions Manager, then restart."))
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
-                                                             torchVersionRequirement=TORCH_REQUIREMENT) is None:
-                return False
-        from packaging.version import Version
-
-        if Version(metadata.version("torch").split("+")[0]) < Version(TORCH_REQUIREMENT.lstrip(">=")):
-            raise RuntimeError(_("RadCLIP needs torch {need}; this Slicer has {have}. Update it with the PyTorch "
-                                 "extension (PyTorch Utils module).").format(need=TORCH_REQUIREMENT,
-                                                                            have=metadata.version("torch")))
         requirements = self.resourcePath("requirements.txt")
-        try:  # not `import slicer.packaging`: that would make `slicer` a local name of this function
-            packaging = importlib.import_module("slicer.packaging")  # Slicer 5.12 and later
-        except ImportError:  # 5.10: no prompt; pip runs only when something is missing
-            if self._missingRequirements(requirements):
-                slicer.util.pip_install(["-r", requirements])
+        missing = missingForWorker(requirements, self._workerCommand)
+        if not missing["torch"] and not missing["packages"]:
             return True
-        try:
-            packaging.pip_ensure(packaging.load_requirements(requirements), requester="RadCLIP")
-        except RuntimeError as exc:
-            if "declined" in str(exc).lower():
-                return False
-            raise
+        if slicer.app.testingEnabled():  # the build factory's self-tests install nothing
+            return False
+        lines = missing["torch"] + missing["packages"]
+        if not slicer.util.confirmOkCancelDisplay(
+                _("RadCLIP's worker needs {count} Python package(s) in this Slicer. Install them now "
+                  "(PyTorch is a large download)?").format(count=len(lines)),
+                _("RadCLIP - Install Python Packages"), detailedText="\n".join(lines)):
+            return False
+        if missing["torch"]:  # light-the-torch picks the CUDA build this machine's driver runs
+            slicer.util.pip_install("light-the-torch>=0.8")
+            run = getattr(slicer.util, "executePythonModule", None) or slicer.util._executePythonModule  # 5.10
+            run("light_the_torch", ["install", TORCH_REQUIREMENT])
+        if missing["packages"]:
+            slicer.util.pip_install(["-r", requirements])
+        still = missingForWorker(requirements, self._workerCommand)
+        if still["torch"] or still["packages"]:
+            raise RuntimeError(_("Could not install {packages}: see the Python console.").format(
+                packages=", ".join(still["torch"] + still["packages"])))
         return True
-
-    @staticmethod
-    def _missingRequirements(path) -> list:
-        """Requirement lines of `path` whose package is not installed or whose version does not fit."""
-        from importlib import metadata
-
-        from packaging.requirements import Requirement
-
-        missing = []
-        for line in open(path, encoding="utf-8").read().splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                requirement = Requirement(line)
-                try:
-                    if not requirement.specifier.contains(metadata.version(requirement.name), prereleases=True):
-                        missing.append(line)
-                except metadata.PackageNotFoundError:
-                    missing.append(line)
-        return missing
 
     def resourcePath(self, relativePath):
         return os.path.join(os.path.dirname(__file__), "Resources", relativePath)
@@ -496,32 +508,25 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
     def prompts(parameterNode) -> list:
         return [line.strip() for line in parameterNode.prompts.splitlines() if line.strip()]
 
-    def startRanking(self, p) -> int:
-        """Read the scene (GUI thread) and send one rank request; returns its id."""
-        prompts = self.prompts(p)
-        if not prompts:
-            raise ValueError(_("Type at least one prompt."))
-        if p.inputVolume is not None and p.inputVolume.GetAttribute("RadCLIP.sourceVolumeID"):
-            raise ValueError(_("'{name}' is RadCLIP's own relevance volume; choose the scan as input.").format(
-                name=p.inputVolume.GetName()))
-        fields = self.mrmlLogic.volumeRequest(p.inputVolume, p.inputSegmentation)
-        return self.client.send_rank(prompts, model=self.modelSource(p), device=p.device, offline=p.offline,
-                                plane=p.plane, max_slices=p.maxSlices, **fields)
+    def startRanking(self, p):
+        """Read the scene (GUI thread) and send one rank request; returns its RankingRun (the nodes it
+        was made for)."""
+        return self.mrmlLogic.startRanking(self.client, p.inputVolume, self.prompts(p), p.inputSegmentation,
+                                           model=self.modelSource(p), device=p.device, offline=p.offline,
+                                           plane=p.plane, max_slices=p.maxSlices)
 
-    def finishRanking(self, p, result) -> str:
-        """Fill the output nodes from a worker result; returns a one-line status."""
-        self._result = result
-        out = self.mrmlLogic.showResults(p.inputVolume, result, p.outputTable, p.relevanceVolume, p.relevanceChart)
-        p.outputTable, p.relevanceVolume, p.relevanceChart = out["table"], out["relevance"], out["chart"]
-        status = _("Best match: {prompt} ({probability:.0%}).").format(prompt=result["prompts"][0]["text"],
-                                                                       probability=result["prompts"][0]["probability"])
-        status += " " + self._shownText(out)
-        if "segments" in result or "missing_segments" in result:
-            segments = self.mrmlLogic.showSegmentResults(p.inputVolume, result, p.segmentTable)
-            p.segmentTable = segments["table"]
-            if segments["missing"]:
-                status += " " + _("Not ranked: {segments}.").format(
-                    segments="; ".join(f"{name} ({why})" for name, why in segments["missing"].items()))
+    def finishRanking(self, p, run, result) -> str:
+        """Fill the parameter node's output nodes from a worker result, on the run's volume; returns a
+        one-line status (with what could not be shown, and why)."""
+        shown = self.mrmlLogic.finishRanking(run, result, p)
+        status = _("Best match: {prompt} ({probability:.0%}).").format(prompt=shown["best"]["text"],
+                                                                       probability=shown["best"]["probability"])
+        status += " " + self._shownText(shown)
+        if shown["segmentError"]:
+            status += " " + _("Per segment: {why}.").format(why=shown["segmentError"])
+        elif shown["missing"]:
+            status += " " + _("Not ranked: {segments}.").format(
+                segments="; ".join(f"{name} ({why})" for name, why in shown["missing"].items()))
         return status
 
     @staticmethod
@@ -533,11 +538,11 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
                                                                                  slice=shown["peak_slice"])
 
     def showPrompt(self, p, prompt) -> str:
-        """Show another ranked prompt's relevance over the viewers and in the chart."""
-        if self._result is None:
-            raise ValueError(_("Rank the prompts first (results are kept until the module is reloaded)."))
-        return self._shownText(self.mrmlLogic.showPrompt(p.inputVolume, self._result, prompt, p.relevanceVolume,
-                                                         p.relevanceChart))
+        """Show another ranked prompt's relevance over the viewers and in the chart (on the volume the
+        result belongs to)."""
+        shown = self.mrmlLogic.showPromptOf(p, prompt)
+        self.showResults(p)  # the legend follows the overlay's visibility
+        return self._shownText(shown)
 
     def rankVolume(self, volumeNode, prompts, model=None, plane="auto", maxSlices=None, parameterNode=None, timeout=600):
         """Synchronous ranking for scripts: fills the parameter node's outputs and returns the table node."""
@@ -547,33 +552,32 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
         p.plane, p.maxSlices = plane, maxSlices or 0
         if model is not None:
             p.modelPreset, p.modelFolder = MODEL_LABELS[-1], str(model)
-        event = self.client.wait(self.startRanking(p), timeout=timeout)
+        run = self.startRanking(p)
+        event = self.client.wait(run.requestId, timeout=timeout)
         if event["event"] != "result":
             raise RuntimeError(event.get("message") or event["event"])
-        self.finishRanking(p, event["result"])
+        self.finishRanking(p, run, event["result"])
         return p.outputTable
 
     # ---------------------------------------------------------------- display
-    def showResults(self, p, plotViewInLayout: bool) -> None:
-        """Relevance as the foreground layer over the input; the chart in the layout. The layout is
-        changed only when it has no plot view (the user's layout otherwise stays as it is)."""
-        slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=p.relevanceVolume,
-                                         foregroundOpacity=0.5)
-        colorLegend = slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(p.relevanceVolume)
-        if colorLegend:
-            colorLegend.SetTitleText(_("slice weight"))
-        if not plotViewInLayout:
-            slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalPlotView)
-        slicer.modules.plots.logic().ShowChartInLayout(p.relevanceChart)
+    def showResults(self, p) -> None:
+        """The relevance over the viewers (on the volume it belongs to) and the chart in a plot view.
+        The layout changes only when it has no plot view; the user's layout otherwise stays."""
+        self.mrmlLogic.showInViewers(self.mrmlLogic.sourceVolume(p.relevanceVolume), p.relevanceVolume)
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:
+            return
+        if layoutManager.plotViewCount == 0:
+            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalPlotView)
+        # not Plots' ShowChartInLayout: it switches any layout it does not list to FourUpPlotView
+        appLogic = slicer.app.applicationLogic()
+        appLogic.GetSelectionNode().SetActivePlotChartID(p.relevanceChart.GetID())
+        appLogic.PropagatePlotChartSelection()
 
     def jumpToSlice(self, p, sliceIndex=None) -> None:
-        """Centre the slice viewers on input slice `sliceIndex` (default: where the shown curve peaks),
-        from the relevance volume itself: no model and no worker needed."""
-        if sliceIndex is None:
-            ras = self.mrmlLogic.peakSliceRas(p.inputVolume, p.relevanceVolume)
-        else:
-            sliceAxis = int(p.relevanceVolume.GetAttribute("RadCLIP.sliceAxis") or 0)
-            ras = self.mrmlLogic.sliceCentreRas(p.inputVolume, sliceAxis, sliceIndex)
+        """Centre the slice viewers on input slice `sliceIndex` (default: where the shown curve peaks)
+        of the volume the relevance belongs to: no model and no worker needed."""
+        ras = self.mrmlLogic.jumpTarget(p.relevanceVolume, sliceIndex)
         slicer.modules.markups.logic().JumpSlicesToLocation(*ras, True)
 
 
@@ -590,14 +594,20 @@ class RadCLIPSlicerTest(ScriptedLoadableModuleTest):
 
     def test_RankWithTinyModel(self):
         """Builds a tiny random CLIP (no download) and ranks prompts for a synthetic volume through a
-        real worker process. Skipped where torch/transformers are absent (e.g. the extension build
-        factory, whose Slicer has no torch and where pip installs nothing in testing mode)."""
-        import importlib.util
+        real worker process. Uses its own parameter node and temporary folder and removes every node
+        it made. Skipped where torch or transformers 5 are absent (e.g. the extension build factory,
+        whose Slicer has no torch and where pip installs nothing in testing mode)."""
+        import shutil
         import tempfile
+        from importlib import metadata
 
-        missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
-        if missing:
-            self.delayDisplay(f"RadCLIP model test skipped: {', '.join(missing)} not installed in this Slicer")
+        try:
+            have = {name: metadata.version(name) for name in ("torch", "transformers")}
+        except metadata.PackageNotFoundError as exc:
+            self.delayDisplay(f"RadCLIP model test skipped: {exc.name} is not installed in this Slicer")
+            return
+        if int(have["transformers"].split(".")[0]) < 5:
+            self.delayDisplay(f"RadCLIP model test skipped: transformers {have['transformers']} (needs 5)")
             return
         import numpy as np
 
@@ -605,17 +615,26 @@ class RadCLIPSlicerTest(ScriptedLoadableModuleTest):
         from RadCLIPCore.encoders import bundled_tokenizer, new_clip_model
 
         self.delayDisplay("Building a tiny model")
-        tokenizer = bundled_tokenizer()
-        folder = os.path.join(tempfile.mkdtemp(), "tiny")
-        save_model(RadCLIPModel(new_clip_model("clip-tiny", tokenizer, seed=0), tokenizer), folder)
-        volume = slicer.util.addVolumeFromArray(np.random.default_rng(0).normal(size=(20, 48, 40)).astype("float32"),
-                                                name="synthetic")
+        folder = tempfile.mkdtemp(prefix="radclip-selftest-")
+        nodesBefore = {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
         logic = RadCLIPSlicerLogic()
         try:
-            table = logic.rankVolume(volume, ["Brain MRI", "Chest CT", "A puppy"], model=folder, maxSlices=8)
+            tokenizer = bundled_tokenizer()
+            save_model(RadCLIPModel(new_clip_model("clip-tiny", tokenizer, seed=0), tokenizer), os.path.join(folder, "tiny"))
+            volume = slicer.util.addVolumeFromArray(
+                np.random.default_rng(0).normal(size=(20, 48, 40)).astype("float32"), name="synthetic")
+            # a parameter node of its own: the panel's settings stay as the user left them
+            p = RadCLIPSlicerParameterNode(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode"))
+            table = logic.rankVolume(volume, ["Brain MRI", "Chest CT", "A puppy"], model=os.path.join(folder, "tiny"),
+                                     maxSlices=8, parameterNode=p)
             self.assertEqual(table.GetNumberOfRows(), 3)
-            p = logic.getParameterNode()
             self.assertEqual(slicer.util.arrayFromVolume(p.relevanceVolume).size, 20)
+            self.assertEqual(p.relevanceVolume.GetAttribute("RadCLIP.sourceVolumeID"), volume.GetID())
         finally:
             logic.stopWorker()
+            for i in reversed(range(slicer.mrmlScene.GetNumberOfNodes())):
+                node = slicer.mrmlScene.GetNthNode(i)
+                if node is not None and node.GetID() not in nodesBefore:
+                    slicer.mrmlScene.RemoveNode(node)
+            shutil.rmtree(folder, ignore_errors=True)
         self.delayDisplay("Test passed")

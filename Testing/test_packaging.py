@@ -107,7 +107,8 @@ def test_slicer_process_never_imports_torch():
     """Slicer's GUI process loads the module's helpers (MRML logic, worker client) and the presets,
     never torch or transformers: those live in the worker process."""
     code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-            "import RadCLIPSlicerLib, RadCLIPSlicerLib.client, RadCLIPSlicerLib.logic, RadCLIPCore.presets\n"
+            "import RadCLIPSlicerLib, RadCLIPSlicerLib.client, RadCLIPSlicerLib.logic, RadCLIPSlicerLib.dependencies\n"
+            "import RadCLIPCore.presets, RadCLIPCore.protocol\n"
             "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
             "assert not heavy, heavy")
     res = subprocess.run([sys.executable, "-c", code, str(REPO), str(MODULE)], capture_output=True, text=True,
@@ -134,4 +135,25 @@ def test_module_requirements_are_valid_and_match_the_package():
             tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
     for r in reqs:
         assert r.name.lower() in deps and str(r.specifier) == str(deps[r.name.lower()].specifier), r
-    assert "torch" not in {r.name for r in reqs}  # from the PyTorch extension, with the right CUDA build
+    assert "torch" not in {r.name for r in reqs}  # through light-the-torch, with the right CUDA build
+
+
+def test_a_remote_worker_needs_nothing_installed_in_slicer(tmp_path):
+    """The dependency check looks at the worker command first: with a remote worker Slicer needs only
+    what the client needs; a local worker needs torch and the requirements, read from package
+    metadata (torch is never imported)."""
+    sys.path.insert(0, str(MODULE))
+    from RadCLIPSlicerLib.dependencies import missingForWorker
+
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("# comment\nnumpy>=1.0\nno-such-package-radclip>=1.0\n")
+    assert missingForWorker(reqs, "ssh gpu-box /opt/venv/bin/python -m RadCLIPCore serve") == {"torch": [], "packages": []}
+    local = missingForWorker(reqs, "")
+    assert local == {"torch": [], "packages": ["no-such-package-radclip>=1.0"]}  # torch 2.13 is installed here
+    code = ("import sys; sys.path[:0] = [sys.argv[1]]\n"
+            "from RadCLIPSlicerLib.dependencies import missingForWorker\n"
+            "missingForWorker(sys.argv[2])\n"
+            "assert 'torch' not in sys.modules")
+    res = subprocess.run([sys.executable, "-c", code, str(MODULE), str(reqs)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr

@@ -1,15 +1,20 @@
 """The module's MRML work, free of Qt, widgets and torch: volume node -> worker request, and the
-worker's result -> table, relevance volume and chart nodes. Runs on Slicer's GUI thread, so it
-only reads and writes MRML; every model computation happens in the worker process.
+worker's result -> table, relevance volume, chart and viewer layers. Runs on Slicer's GUI thread,
+so it only reads and writes MRML; every model computation happens in the worker process.
+
+A result belongs to the request that made it: `startRanking` records the volume and segmentation
+nodes in a `RankingRun`, and everything shown later (the result, another prompt's relevance, a
+jump to a slice) uses those nodes, never the ones selected at the time.
 
     logic = RadCLIPSlicerMRMLLogic()
     client = WorkerClient()
-    result = client.wait(client.send_rank(prompts, **logic.volumeRequest(volumeNode)))["result"]
-    nodes = logic.showResults(volumeNode, result)
+    run = logic.startRanking(client, volumeNode, ["Chest CT", "Brain MRI"], model="/path/to/model")
+    shown = logic.finishRanking(run, client.wait(run.requestId)["result"], outputs)
 """
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import slicer
@@ -42,12 +47,39 @@ def checkVolumeNode(volumeNode):
 
 
 def _nodesByClass(scene, className) -> list:
-    nodes = scene.GetNodesByClass(className)
-    return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+    """The scene's nodes of a class, without the vtkCollection that GetNodesByClass returns (the
+    caller owns it; from Python it would leak, holding a reference to every node in it)."""
+    return [scene.GetNthNodeByClass(i, className) for i in range(scene.GetNumberOfNodesByClass(className))]
+
+
+@dataclass
+class RankingRun:
+    """One rank request and the nodes it was made for: its result is shown on these, whatever the
+    panel selects in the meantime."""
+
+    requestId: int
+    volumeNodeID: str
+    volumeName: str
+    segmentationNodeID: str | None = None
+    prompts: list = field(default_factory=list)
+
+    def volumeNode(self, scene):
+        node = scene.GetNodeByID(self.volumeNodeID)
+        if node is None:
+            raise RadCLIPError(f"'{self.volumeName}' was removed from the scene before its result arrived")
+        return node
+
+
+OUTPUT_ROLES = ("outputTable", "segmentTable", "relevanceVolume", "relevanceChart")
 
 
 class RadCLIPSlicerMRMLLogic:
-    """Volume nodes in, result nodes out; the worker does the rest."""
+    """Volume nodes in, result nodes out; the worker does the rest. The one place that decides what
+    a result looks like in the scene."""
+
+    def __init__(self):
+        self._results: dict = {}  # relevance node ID -> (run, result) on display
+        self._lastRun = None
 
     # ------------------------------------------------------------------ requests (GUI thread: MRML reads only)
     @staticmethod
@@ -96,18 +128,103 @@ class RadCLIPSlicerMRMLLogic:
                     scene.RemoveNode(node)
         return labels, names
 
+    def startRanking(self, client, volumeNode, prompts, segmentationNode=None, **options) -> RankingRun:
+        """Read the scene and send one rank request to the worker `client`; the run remembers the
+        nodes it was made for."""
+        prompts = [p.strip() for p in prompts if p and p.strip()]
+        if not prompts:
+            raise RadCLIPError("type at least one prompt")
+        if volumeNode is not None and volumeNode.GetAttribute("RadCLIP.sourceVolumeID"):
+            raise RadCLIPError(f"'{volumeNode.GetName()}' is RadCLIP's own relevance volume; choose the scan as input")
+        fields = self.volumeRequest(volumeNode, segmentationNode)
+        rid = client.send_rank(prompts, **options, **fields)
+        self._lastRun = RankingRun(rid, volumeNode.GetID(), volumeNode.GetName(),
+                                   segmentationNode.GetID() if segmentationNode is not None else None, prompts)
+        return self._lastRun
+
+    def finishRanking(self, run: RankingRun, result: dict, outputs) -> dict:
+        """Show a worker `result` on the nodes of its `run`: `outputs` has the attributes
+        outputTable, segmentTable, relevanceVolume, relevanceChart (None: created here; the panel
+        passes its parameter node) and they are set to the nodes filled. The volume-level result is
+        always shown; segments that could not be ranked are named in `missing`, and when none could,
+        `segmentError` says why (the segment table is then emptied, never left from an earlier run).
+        Returns what is shown."""
+        volumeNode = run.volumeNode(self._scene(outputs, run))
+        shown = self.showResults(volumeNode, result, outputs.outputTable, outputs.relevanceVolume,
+                                 outputs.relevanceChart)
+        outputs.outputTable, outputs.relevanceVolume, outputs.relevanceChart = (
+            shown["table"], shown["relevance"], shown["chart"])
+        self._results[shown["relevance"].GetID()] = (run, result)
+        shown.update(missing={}, segmentError=None, best=result["prompts"][0])
+        if run.segmentationNodeID is None:
+            if outputs.segmentTable is not None:  # an earlier run's segments would describe another volume
+                self.fillTable(outputs.segmentTable, [])
+        else:
+            segmentTable = outputs.segmentTable or volumeNode.GetScene().AddNewNodeByClass("vtkMRMLTableNode")
+            segmentTable.SetName(f"{volumeNode.GetName()} prompts per segment")
+            groups = [(s["segment"], s["prompts"]) for s in result.get("segments") or []]
+            self.fillTable(segmentTable, groups, segments=True)
+            outputs.segmentTable = segmentTable
+            shown["missing"] = dict(result.get("missing_segments") or {})
+            if not groups:
+                why = "; ".join(f"{name}: {reason}" for name, reason in sorted(shown["missing"].items()))
+                shown["segmentError"] = f"no segment can be ranked ({why or 'the segmentation is empty'})"
+        return shown
+
+    def showPromptOf(self, outputs, prompt: str) -> dict:
+        """Show another prompt of the result on display: on the volume that result belongs to."""
+        relevanceNode = outputs.relevanceVolume
+        if relevanceNode is None or relevanceNode.GetID() not in self._results:
+            raise RadCLIPError("rank the prompts first (results are kept until the module is reloaded)")
+        run, result = self._results[relevanceNode.GetID()]
+        volumeNode = run.volumeNode(relevanceNode.GetScene())
+        return self.showPrompt(volumeNode, result, prompt, relevanceNode, outputs.relevanceChart)
+
+    def jumpTarget(self, relevanceNode, sliceIndex=None) -> np.ndarray:
+        """RAS centre of input slice `sliceIndex` (default: where the shown curve peaks) of the volume
+        the relevance belongs to, read from the relevance volume itself (works after a scene reload)."""
+        volumeNode = self.sourceVolume(relevanceNode)
+        if sliceIndex is None:
+            return self.peakSliceRas(volumeNode, relevanceNode)
+        sliceAxis = int(relevanceNode.GetAttribute("RadCLIP.sliceAxis") or 0)
+        return self.sliceCentreRas(volumeNode, sliceAxis, int(sliceIndex))
+
+    @staticmethod
+    def sourceVolume(relevanceNode):
+        """The volume a relevance volume was computed for."""
+        if relevanceNode is None or relevanceNode.GetImageData() is None:
+            raise RadCLIPError("rank the prompts first")
+        volumeNode = relevanceNode.GetScene().GetNodeByID(relevanceNode.GetAttribute("RadCLIP.sourceVolumeID") or "")
+        if volumeNode is None:
+            raise RadCLIPError("the volume this relevance was computed for is no longer in the scene")
+        return volumeNode
+
+    def forget(self):
+        """Drop the results kept for showing other prompts (the scene closed)."""
+        self._results.clear()
+
+    @staticmethod
+    def _scene(outputs, run):
+        for role in OUTPUT_ROLES:
+            node = getattr(outputs, role, None)
+            if node is not None and node.GetScene() is not None:
+                return node.GetScene()
+        return slicer.mrmlScene
+
     # ------------------------------------------------------------------ results (GUI thread: MRML writes)
     def showResults(self, volumeNode, result: dict, tableNode=None, relevanceNode=None, chartNode=None,
                     prompt: str | None = None) -> dict:
         """Fill (or create) the table, the relevance volume and the chart from a worker `result`.
         The viewers show `prompt`'s relevance (default: the best prompt). Returns the nodes and
         what the overlay shows."""
-        scene = volumeNode.GetScene()
-        tableNode = tableNode or scene.AddNewNodeByClass("vtkMRMLTableNode", f"{volumeNode.GetName()} prompts")
+        scene, name = volumeNode.GetScene(), volumeNode.GetName()
+        tableNode = tableNode or scene.AddNewNodeByClass("vtkMRMLTableNode")
+        relevanceNode = relevanceNode or scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+        chartNode = chartNode or scene.AddNewNodeByClass("vtkMRMLPlotChartNode")
+        # named after the volume shown now (reused nodes would keep the first volume's name)
+        for node, suffix in ((tableNode, "prompts"), (relevanceNode, "slice relevance"), (chartNode, "slices")):
+            node.SetName(f"{name} {suffix}")
         self.fillTable(tableNode, [(None, result["prompts"])])
-        relevanceNode = relevanceNode or scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
-                                                                  f"{volumeNode.GetName()} slice relevance")
-        chartNode = chartNode or scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{volumeNode.GetName()} slices")
         shown = self.showPrompt(volumeNode, result, prompt or result["prompts"][0]["text"], relevanceNode, chartNode)
         return {"table": tableNode, "relevance": relevanceNode, "chart": chartNode, **shown}
 
@@ -129,10 +246,10 @@ class RadCLIPSlicerMRMLLogic:
         return {"prompt": prompt, "peak_slice": int(np.argmax(relevance)), "overlay_visible": visible}
 
     @staticmethod
-    def fillTable(tableNode, groups):
+    def fillTable(tableNode, groups, segments: bool | None = None):
         """`groups` = [(segment name or None, prompts best first)]: columns prompt, probability,
         cosine, with a segment column in front when the groups are segments."""
-        segments = any(name is not None for name, _ in groups)
+        segments = any(name is not None for name, _ in groups) if segments is None else segments
         names = SEGMENT_TABLE_COLUMNS if segments else TABLE_COLUMNS
         columns = [vtk.vtkStringArray() for _ in names[:-2]] + [vtk.vtkDoubleArray(), vtk.vtkDoubleArray()]
         for column, name in zip(columns, names):
@@ -150,16 +267,6 @@ class RadCLIPSlicerMRMLLogic:
         tableNode.SetUseColumnTitleAsColumnHeader(True)  # table row r is view row r (no header row)
         tableNode.SetLocked(True)
         return tableNode
-
-    def showSegmentResults(self, volumeNode, result: dict, tableNode=None) -> dict:
-        """The per-segment table (segment, prompt, probability, cosine) from a worker `result`."""
-        if not result.get("segments"):
-            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(result.get("missing_segments", {}).items()))
-            raise RadCLIPError(f"no segment can be ranked ({why})")
-        tableNode = tableNode or volumeNode.GetScene().AddNewNodeByClass(
-            "vtkMRMLTableNode", f"{volumeNode.GetName()} prompts per segment")
-        self.fillTable(tableNode, [(s["segment"], s["prompts"]) for s in result["segments"]])
-        return {"table": tableNode, "missing": dict(result.get("missing_segments", {}))}
 
     # ------------------------------------------------------------------ geometry
     @staticmethod
@@ -200,11 +307,25 @@ class RadCLIPSlicerMRMLLogic:
         return visible
 
     @staticmethod
-    def showInViewers(volumeNode, relevanceNode):
-        """Every slice viewer: the ranked volume as background, its relevance as foreground (the
-        overlay's own colour table carries the opacity; see overlay.py)."""
+    def showInViewers(volumeNode, relevanceNode, legendTitle: str = "slice relevance"):
+        """Every slice viewer: `volumeNode` as background, its relevance as foreground (the colour
+        table carries the opacity; see overlay.py; None clears the foreground), and a colour legend
+        only while the overlay shows something. Pass the volume the relevance belongs to
+        (`sourceVolume(relevanceNode)`), not the one selected now."""
         slicer.util.setSliceViewerLayers(background=volumeNode, foreground=relevanceNode,
                                          foregroundOpacity=FOREGROUND_OPACITY)
+        if relevanceNode is None:
+            return
+        display = relevanceNode.GetDisplayNode()
+        legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(relevanceNode)
+        if display is not None and display.GetVisibility():
+            if legend is None and relevanceNode.GetScene().IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):
+                legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(relevanceNode)
+            if legend is not None:
+                legend.SetTitleText(legendTitle)
+                legend.SetVisibility(True)
+        elif legend is not None:
+            legend.SetVisibility(False)  # a flat, hidden overlay has nothing to explain
 
     @staticmethod
     def slicePositionsMm(volumeNode, sliceAxis: int, count: int) -> np.ndarray:
@@ -266,8 +387,6 @@ class RadCLIPSlicerMRMLLogic:
     def peakSliceRas(self, volumeNode, relevanceNode) -> np.ndarray:
         """RAS centre of the input slice where the shown curve peaks, read from the relevance volume
         itself (no model, no worker: works after a scene reload too)."""
-        if relevanceNode is None or relevanceNode.GetImageData() is None:
-            raise RadCLIPError("rank the prompts first")
         sliceAxis = int(relevanceNode.GetAttribute("RadCLIP.sliceAxis") or 0)
         weights = slicer.util.arrayFromVolume(relevanceNode).ravel()
         return self.sliceCentreRas(volumeNode, sliceAxis, int(np.argmax(weights)))
