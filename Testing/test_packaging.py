@@ -26,7 +26,7 @@ def test_wheel_contains_the_bundled_resources(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("RadCLIPCore/resources/tokenizer/vocab.json", "RadCLIPCore/resources/tokenizer/merges.txt",
                    "RadCLIPCore/resources/configs/clip-vit-large-patch14.json", "RadCLIPCore/resources/NOTICE.md",
-                   "RadCLIPCore/__main__.py"):
+                   "RadCLIPCore/resources/lexicons/totalsegmentator_total.json", "RadCLIPCore/__main__.py"):
         assert needed in names, needed
     assert not any(n.startswith(("Testing/", "benchmarks/", "tools/")) for n in names)
 
