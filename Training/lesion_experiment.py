@@ -82,7 +82,7 @@ def run(out, copies=64, epochs1=15, epochs2=100, seed=0, hooks=None, stage1_copi
         lr2=3e-3) -> dict:
     """Stage 1 learns from 2D slices of its own volumes (every one with a lesion somewhere); stage 2
     and the measurements use other volumes, half with a lesion, split into train and held-out."""
-    out = Path(out)
+    out = Path(out).resolve()  # manifests hold paths relative to their own folder: never a relative root
     volumes = make_volumes(out, copies, seed)
     config = PreprocessConfig(image_size=64, **POLICY)  # clip-tiny's 64 px tower
     rng = np.random.default_rng(seed)
