@@ -24,6 +24,8 @@ from .adapter import mean_pool
 from .anatomy import anatomy_embeddings
 from .embedding_cache import SliceEmbeddingCache
 from .errors import RadCLIPError
+from .findings import (GLOBAL, FindingTemplates, OperatingPoints, model_fingerprint, model_templates, present_probability,
+                       read_templates, youden_point)
 from .fileutil import atomic_write_text, check_output_dir
 from .volume_io import read_volume
 from .labelmaps import read_label_names, read_labelmap
@@ -38,8 +40,6 @@ from .reports import finding_truth, read_findings, read_lexicon
 
 log = logging.getLogger("RadCLIPCore")
 
-ZERO_SHOT_TEMPLATES = ("{}.",)
-NEGATIVE_TEMPLATES = ("No {}.",)
 POOLING_NAMES = {"mean": "global average pooling", "adapter": "slice-pooling adapter", "image": "2D image"}
 
 
@@ -82,21 +82,12 @@ def extract_features(model, samples, cache=None, poolings=("mean", "adapter")) -
 
 
 # --------------------------------------------------------------------------- scores from prompts
-def positive_probability(model, features: np.ndarray, positives, negatives) -> np.ndarray:
-    """(N, dim) features -> (N,) P(positive): the positive and the negative prompts are each averaged
-    (then re-normalised), and the softmax of the two cosines / temperature is taken."""
-    pos, neg = model.embed_texts(list(positives)).mean(0), model.embed_texts(list(negatives)).mean(0)
-    pair = np.stack([pos / np.linalg.norm(pos), neg / np.linalg.norm(neg)])
-    return prompt_softmax(np.atleast_2d(features) @ pair.T, model.temperature, axis=1)[:, 0]
-
-
-def zero_shot_scores(model, features: np.ndarray, classes, templates=ZERO_SHOT_TEMPLATES,
-                     negatives=NEGATIVE_TEMPLATES) -> np.ndarray:
-    """(N, classes) probability of "X" over "No X": prompt embeddings averaged over templates,
-    softmax of the pair's cosines / temperature."""
-    scores = [positive_probability(model, features, [t.format(c) for t in templates], [t.format(c) for t in negatives])
-              for c in classes]
-    return np.stack(scores, axis=1)
+def zero_shot_scores(model, features: np.ndarray, classes, templates: FindingTemplates | None = None) -> np.ndarray:
+    """(N, classes) probability of each class as a finding, present over absent: the positive and
+    the negative prompts of `templates` (default: the model's) each ensembled (`findings.present_probability`,
+    the same score `findings` gives a user)."""
+    templates = templates or model_templates(model)
+    return np.stack([present_probability(model, features, *templates.prompts(c)) for c in classes], axis=1)
 
 
 def modality_scores(model, vectors, texts, distractors) -> dict:
@@ -111,8 +102,8 @@ def modality_scores(model, vectors, texts, distractors) -> dict:
 
 # --------------------------------------------------------------------------- zero-shot per anatomy (fVLM)
 def anatomy_zero_shot(model, studies, lexicon: dict, findings: dict, names: dict | None = None,
-                      templates=("{finding} in the {anatomy}.",), negatives=("No {finding} in the {anatomy}.",),
-                      min_patches=1.0, n_boot=1000, seed=0, level: str = "anatomy") -> dict:
+                      templates: FindingTemplates | None = None, min_patches=1.0, n_boot=1000, seed=0,
+                      level: str = "anatomy") -> dict:
     """Per anatomy and finding: P("finding in anatomy" over "no finding in anatomy") from the
     anatomy embedding of each study (`level` "volume": from the whole volume's embedding instead,
     the global baseline); ROC AUC per finding (where both outcomes occur) with a bootstrap 95% CI
@@ -121,6 +112,7 @@ def anatomy_zero_shot(model, studies, lexicon: dict, findings: dict, names: dict
     from sklearn.metrics import roc_auc_score
 
     names = names or {}
+    templates = templates or model_templates(model)
     keys = [(label, f) for label, words in findings.items() for f in words]
     scores = {k: [] for k in keys}
     truth = {k: [] for k in keys}
@@ -138,9 +130,7 @@ def anatomy_zero_shot(model, studies, lexicon: dict, findings: dict, names: dict
                 skipped[(label, finding)] = skipped.get((label, finding), 0) + 1
                 continue
             anatomy = (names.get(label) or lexicon[label][0]).replace("_", " ")
-            fill = dict(finding=finding, anatomy=anatomy)
-            p = positive_probability(model, emb.embeddings[label], [t.format(**fill) for t in templates],
-                                     [t.format(**fill) for t in negatives])
+            p = present_probability(model, emb.embeddings[label], *templates.prompts(finding, anatomy))
             scores[(label, finding)].append(float(p[0]))
             truth[(label, finding)].append(facts[(label, finding)])
     usable = [k for k in keys if 0 < sum(truth[k]) < len(truth[k])]
@@ -154,6 +144,9 @@ def anatomy_zero_shot(model, studies, lexicon: dict, findings: dict, names: dict
     return {"per_finding": per_finding, "ci95_per_finding": ci_each,
             "macro_auc": float(np.mean(list(per_finding.values()))), "ci95": ci,
             "positives": {f"{k[0]}: {k[1]}": int(sum(truth[k])) for k in keys},
+            "operating_points": {((names.get(k[0]) or lexicon[k[0]][0]).replace("_", " "), k[1]):
+                                 youden_point(truth[k], scores[k], per_finding[f"{names.get(k[0]) or lexicon[k[0]][0]}: {k[1]}"])
+                                 for k in usable},
             "skipped": {f"{k[0]}: {k[1]}": n for k, n in skipped.items()},
             "scores": {f"{k[0]}: {k[1]}": scores[k] for k in keys}, "truth": {f"{k[0]}: {k[1]}": truth[k] for k in keys}}
 
@@ -168,8 +161,7 @@ class EvaluationConfig:
     seed: int = 0
     candidates: list | None = None  # texts for matching (default: the manifest's texts)
     distractors: tuple = DISTRACTORS
-    templates: tuple = ZERO_SHOT_TEMPLATES
-    negative_templates: tuple = NEGATIVE_TEMPLATES
+    finding_templates: Path | None = None  # JSON (positive/negative/anatomy_*); default: the model's
     bootstrap: int = 1000
     lexicon: Path | None = None  # anatomy level (fVLM): with `findings`
     findings: Path | None = None
@@ -214,12 +206,17 @@ def run_evaluation(config: EvaluationConfig, report: Callable[[str], None] = log
         candidates = list(config.candidates or sorted(set(feats.texts)))
         cand_emb = model.embed_texts(candidates)
         classes = sorted(set(feats.labels))
+        templates = read_templates(config.finding_templates) if config.finding_templates else model_templates(model)
         for pooling, vectors in feats.vectors.items():
             row_name = f"{name} / {POOLING_NAMES[pooling]}"
             report(f"evaluating {row_name} on {len(samples)} samples ...")
             probe = linear_probe(vectors, feats.labels, folds=config.folds, seed=config.seed)
-            zs = zero_shot_scores(model, vectors, classes, config.templates, config.negative_templates)
+            zs = zero_shot_scores(model, vectors, classes, templates)
             auc = auc_with_ci(feats.labels, zs, classes, n_boot=config.bootstrap, seed=config.seed)
+            if pooling == model.pooling:  # the pooling `findings` uses: its operating points
+                _write_operating_points(out_dir, name, model, templates, {
+                    (GLOBAL, c): youden_point([label == c for label in feats.labels], zs[:, i], auc["per_class"][c])
+                    for i, c in enumerate(classes) if c in (auc.get("per_class") or {})}, report)
             recall = retrieval_recall(vectors, feats.texts, model.embed_texts(feats.texts))
             ci = auc["ci95"] or [None, None]
             rows.append({"encoder": name, "pooling": POOLING_NAMES[pooling], **probe.summary(),
@@ -261,9 +258,11 @@ def _run_anatomy(config, samples, out_dir, report) -> dict:
     rows, details = [], {}
     for name, src in config.models:
         model = load_model(src, device=config.device, offline=True if config.offline else None, config=config.config)
-        out = anatomy_zero_shot(model, studies, lexicon, findings, names, min_patches=config.min_patches,
-                                n_boot=config.bootstrap, seed=config.seed)
-        details[name] = {k: v for k, v in out.items() if k not in ("scores", "truth")}
+        templates = read_templates(config.finding_templates) if config.finding_templates else model_templates(model)
+        out = anatomy_zero_shot(model, studies, lexicon, findings, names, templates=templates,
+                                min_patches=config.min_patches, n_boot=config.bootstrap, seed=config.seed)
+        _write_operating_points(out_dir, name, model, templates, out["operating_points"], report)
+        details[name] = {k: v for k, v in out.items() if k not in ("scores", "truth", "operating_points")}
         for finding, auc in out["per_finding"].items():
             rows.append({"model": name, "finding": finding, "auc": auc})
         ci = out["ci95"] or [None, None]
@@ -279,6 +278,16 @@ def _run_anatomy(config, samples, out_dir, report) -> dict:
     report(table)
     report(f"\nwritten to {out_dir}: anatomy_zero_shot.md, anatomy_zero_shot.json")
     return {"rows": rows, "table": table}
+
+
+def _write_operating_points(out_dir, name, model, templates, points: dict, report):
+    """operating_points_<model>.json: each finding's Youden threshold with the sensitivity and
+    specificity it was chosen at (copy it into the model folder as operating_points.json)."""
+    file = OperatingPoints(model_fingerprint(model), templates.to_dict(),
+                           {(a.lower(), f.lower()): p for (a, f), p in points.items()})
+    path = out_dir / f"operating_points_{name}.json"
+    atomic_write_text(path, file.to_json())
+    report(f"operating points ({len(points)} findings, Youden's J) written to {path}")
 
 
 def markdown_table(rows, folds) -> str:

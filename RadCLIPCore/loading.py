@@ -40,6 +40,7 @@ from .anatomy import POOLINGS as ANATOMY_POOLINGS, AnatomyHead
 from .encoders import align_token_ids, bundled_tokenizer, read_clip_config, resolve_device, resolve_precision
 from .errors import RadCLIPError
 from .fileutil import atomic_path, read_json
+from .findings import FindingTemplates
 from .model import RadCLIPModel
 from .preprocessing import PLANES, ConfigError, PreprocessConfig, check_int, check_number, clip_processor_config, shown
 from .presets import DEFAULT_MODEL, RADCLIP_FILE, RADCLIP_REPO, hub_cache_dir, resolve_preset
@@ -374,7 +375,8 @@ def _load_radclip_dir(path: Path, kwargs, pooling) -> RadCLIPModel:
         _load_weights(head, head_file, "anatomy_head")
     card = (path / "README.md").read_text(encoding="utf-8", errors="replace") if (path / "README.md").exists() else None
     return RadCLIPModel(clip, tokenizer, adapter=adapter, anatomy_head=head, preprocess=spec["preprocess"],
-                        temperature=spec["temperature"], plane=spec["plane"], source=str(path), card=card, **kwargs)
+                        temperature=spec["temperature"], plane=spec["plane"], source=str(path), card=card,
+                        finding_templates=spec["finding_templates"], **kwargs)
 
 
 def _read_radclip_config(path: Path) -> dict:
@@ -437,8 +439,14 @@ def _check_settings(meta: dict, clip_config) -> dict:
     head = meta.get("anatomy_head")
     if head is not None:
         _check_anatomy_head(head, dim)
+    templates = meta.get("finding_templates")
+    if templates is not None:
+        try:
+            templates = FindingTemplates.from_dict(templates)
+        except RadCLIPError as exc:
+            raise ConfigError(f"'finding_templates': {exc}") from None
     return {"pooling": pooling, "adapter": adapter, "preprocess": preprocess, "temperature": temperature,
-            "plane": plane, "anatomy_head": head}
+            "plane": plane, "anatomy_head": head, "finding_templates": templates}
 
 
 def _check_anatomy_head(head, dim):
@@ -501,6 +509,8 @@ def save_model(model: RadCLIPModel, path, card: str | None = None, training: dic
                 save_file(state, str(tmp / f"{name}.safetensors"))
         if model.anatomy_head is not None:
             meta["anatomy_head"] = model.anatomy_head.config()
+        if getattr(model, "finding_templates", None) is not None:
+            meta["finding_templates"] = model.finding_templates.to_dict()
         (tmp / RADCLIP_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(model, meta, card), encoding="utf-8")
     return path

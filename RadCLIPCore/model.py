@@ -25,6 +25,7 @@ from .adapter import SlicePoolingAdapter, mean_pool
 from .anatomy import pool_anatomies
 from .encoders import image_features, resolve_device, resolve_precision, text_features
 from .errors import RadCLIPError
+from .findings import prompt_softmax, score_findings
 from .volume_io import Volume, as_volume
 from .preprocessing import (PLANES, PreprocessConfig, clip_processor_config, check_volume_shape, fill_skipped_slices, prepare_image,
                             prepare_volume)
@@ -77,7 +78,7 @@ class RadCLIPModel:
     def __init__(self, clip, tokenizer, adapter: SlicePoolingAdapter | None = None,
                  preprocess: PreprocessConfig | None = None, temperature: float | None = None,
                  plane: str = "auto", device="auto", precision="auto", batch_size: int | None = None,
-                 source: str | None = None, card: str | None = None, anatomy_head=None):
+                 source: str | None = None, card: str | None = None, anatomy_head=None, finding_templates=None):
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
         self.clip = clip.to(self.device, self.dtype).eval()
@@ -97,6 +98,7 @@ class RadCLIPModel:
         self.batch_size = _positive_int(batch_size, "batch size") or (64 if self.device.type == "cuda" else 16)
         self.source = source
         self.card = card
+        self.finding_templates = finding_templates  # findings.FindingTemplates of the model folder (None: defaults)
         self._volumes: OrderedDict = OrderedDict()
         self._texts: OrderedDict = OrderedDict()
 
@@ -273,9 +275,26 @@ class RadCLIPModel:
         order = np.argsort(-cosines, kind="stable")
         return [RankedPrompt(prompts[i], float(probs[i]), float(cosines[i])) for i in order]
 
-    def ranking_record(self, embedding, prompts) -> dict:
+    def findings(self, embedding, findings, templates=None, thresholds=None, anatomy=None, vector=None,
+                 covered_slices=None):
+        """Each finding on its own (present vs absent, prompt ensembles): see `findings.score_findings`."""
+        return score_findings(self, embedding, findings, templates, anatomy, vector, covered_slices, thresholds)
+
+    def ranking_record(self, embedding, prompts, anatomies=None) -> dict:
         """The JSON-ready result that `rank --json` prints and the worker sends: prompts best first
-        with probability, cosine and (for volumes) per-slice relevance, plus the slice weights."""
+        with probability, cosine and (for volumes) per-slice relevance, plus the slice weights; with
+        `anatomies` (AnatomyEmbeddings of a segmentation) also the ranking per segment and the
+        segments that could not be ranked, with why."""
+        record = self._ranking_record(embedding, prompts)
+        if anatomies is not None:
+            record["segments"] = [{"segment": anatomies.names[v],
+                                   "prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine}
+                                               for r in self.rank(vec, prompts)]}
+                                  for v, vec in sorted(anatomies.embeddings.items())]
+            record["missing_segments"] = {anatomies.names[v]: why for v, why in anatomies.missing.items()}
+        return record
+
+    def _ranking_record(self, embedding, prompts) -> dict:
         ranked = self.rank(embedding, prompts)
         if not isinstance(embedding, VolumeEmbedding):  # a 2D image: no slices
             return {"prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine,
@@ -309,16 +328,6 @@ class RadCLIPModel:
         cache.move_to_end(key)
         while len(cache) > limit:
             cache.popitem(last=False)
-
-
-def prompt_softmax(cosines, temperature: float, axis: int = -1) -> np.ndarray:
-    """CLIP's probabilities: the softmax of cosine / temperature along `axis`, in float64.
-
-    The one place this is computed: ranking prompts (over the prompts), per-slice relevance (over
-    the slices), zero-shot pairs and the modality-recognition figure (over the candidate texts).
-    """
-    logits = torch.from_numpy(np.asarray(cosines, dtype=np.float64) / float(temperature))
-    return torch.softmax(logits, dim=axis).numpy()
 
 
 def _prefetched(batches, depth=2):

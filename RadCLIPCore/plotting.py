@@ -35,7 +35,7 @@ def _separated_peaks(weights, k, min_gap):
 
 
 def plot_attention(emb: VolumeEmbedding, volume: Volume, path, top: int = 3, title: str | None = None,
-                   relevance: dict | None = None):
+                   relevance: dict | None = None, kind: str = "relevance"):
     """Per input slice: the adapter's attention (when the model has one) and each prompt's
     relevance (`{prompt: (slices,)}`, see `RadCLIPModel.slice_relevance`), with thumbnails of the
     `top` peak slices of the first curve shown. Uniform weights (mean pooling) are not drawn: a flat
@@ -46,7 +46,7 @@ def plot_attention(emb: VolumeEmbedding, volume: Volume, path, top: int = 3, tit
     if emb.pooling != "mean":
         curves["adapter attention"] = np.asarray(emb.slice_weights, dtype=float)
     for prompt, values in (relevance or {}).items():
-        curves[f"relevance: {prompt}"] = np.asarray(values, dtype=float)
+        curves[f"{kind}: {prompt}"] = np.asarray(values, dtype=float)
     if not curves:
         raise RadCLIPError("nothing to plot: mean pooling has uniform slice weights; pass prompt relevance")
     lead = next(iter(curves.values()))

@@ -7,7 +7,12 @@ chosen by the client) and an `op`; every reply carries the request's `id` and an
 
 Ops (`OPS`):
 - `rank`: rank `prompts` for a volume -> `progress` events, then one `result` (the record below) or
-  one `error`. Fields in `RANK_FIELDS`; each is checked when the request arrives (`check_rank`).
+  one `error`. Fields in `RANK_FIELDS`; each is checked when the request arrives (`check_request`).
+- `findings`: score each of `findings` present vs absent (prompt ensembles; per anatomy of the
+  bundled TotalSegmentator lexicon with a label map) -> `progress`, then one `result` (the
+  `findings --json` record) or one `error`. The same volume fields as `rank`, plus `findings`,
+  optional `templates` (an object as in radclip_config.json) and `thresholds` (a path the worker
+  reads; default: the model folder's operating_points.json).
 - `cancel`: stop running or queued request `id` within one slice batch; it then answers `cancelled`.
 - `unload`: free models and caches (RAM and GPU) -> `unloaded`.
 - `ping`: -> `pong` with the worker's versions and devices.
@@ -36,6 +41,7 @@ worker's cache); with a label map also `segments` ([{"segment", "prompts"}]) and
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import stat
@@ -46,9 +52,9 @@ import numpy as np
 from .errors import RadCLIPError
 
 # ops
-RANK, CANCEL, UNLOAD, PING, SHUTDOWN = "rank", "cancel", "unload", "ping", "shutdown"
-OPS = (RANK, CANCEL, UNLOAD, PING, SHUTDOWN)
-COMPUTE_OPS = (RANK, UNLOAD)  # run one at a time, in order, on the worker's compute thread
+RANK, FINDINGS, CANCEL, UNLOAD, PING, SHUTDOWN = "rank", "findings", "cancel", "unload", "ping", "shutdown"
+OPS = (RANK, FINDINGS, CANCEL, UNLOAD, PING, SHUTDOWN)
+COMPUTE_OPS = (RANK, FINDINGS, UNLOAD)  # run one at a time, in order, on the worker's compute thread
 
 # events
 PROGRESS, RESULT, ERROR, CANCELLED, UNLOADED, PONG, BYE = (
@@ -57,8 +63,9 @@ EVENTS = (PROGRESS, RESULT, ERROR, CANCELLED, UNLOADED, PONG, BYE)
 FINAL_EVENTS = (RESULT, ERROR, CANCELLED, UNLOADED, PONG, BYE)  # one per request
 
 # progress stages, in order
-LOADING_MODEL, EMBEDDING_SLICES, RANKING_PROMPTS = "loading model", "embedding slices", "ranking prompts"
-STAGES = (LOADING_MODEL, EMBEDDING_SLICES, RANKING_PROMPTS)
+LOADING_MODEL, EMBEDDING_SLICES, RANKING_PROMPTS, SCORING_FINDINGS = (
+    "loading model", "embedding slices", "ranking prompts", "scoring findings")
+STAGES = (LOADING_MODEL, EMBEDDING_SLICES, RANKING_PROMPTS, SCORING_FINDINGS)
 
 # error codes
 NEED_VOLUME, BAD_REQUEST, FAILED, WORKER_DIED = "need_volume", "bad_request", "failed", "worker_died"
@@ -75,15 +82,19 @@ MAX_SEGMENTS = 1024
 MAX_SLICES = 100_000
 MAX_BATCH = 4096
 MAX_VOXEL_BYTES = 2 << 30
-# each field of a rank request: (types, required); values are checked in check_rank
-RANK_FIELDS = {
-    "prompts": ((list,), True), "model": ((str,), False), "device": ((str,), False),
+# each field of a rank or findings request: (types, required); values are checked in check_request
+VOLUME_FIELDS = {
+    "model": ((str,), False), "device": ((str,), False),
     "precision": ((str,), False), "offline": ((bool,), False), "config": ((str,), False),
     "pooling": ((str,), False), "plane": ((str,), False), "max_slices": ((int,), False),
     "batch_size": ((int,), False), "min_patches": ((int, float), False), "volume": ((str,), False),
     "volume_key": ((str,), False), "array": ((dict,), False), "ijk_to_ras": ((list,), False),
     "labelmap": ((dict,), False), "segments": ((dict,), False),
 }
+RANK_FIELDS = {"prompts": ((list,), True), **VOLUME_FIELDS}
+FINDINGS_FIELDS = {"findings": ((list,), True), "templates": ((dict,), False), "thresholds": ((str,), False),
+                   **VOLUME_FIELDS}
+MAX_FINDINGS = 500
 
 
 class ProtocolError(RadCLIPError):
@@ -103,8 +114,6 @@ def check_id(value):
 def parse_request(line: str) -> dict:
     """One request line -> the request object, or ProtocolError (then the reply's id is the one
     found in the line, when it is a valid id)."""
-    import json
-
     try:
         request = json.loads(line, parse_constant=_no_constant)
     except ValueError as exc:
@@ -121,13 +130,16 @@ def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
-def check_rank(request: dict) -> dict:
-    """The fields of a `rank` request, each of the right type and within its bounds (ProtocolError
-    otherwise, naming the field). Unknown fields are refused too: a typo must not be ignored."""
-    unknown = sorted(set(request) - set(RANK_FIELDS) - {"id", "op"})
+def check_request(request: dict) -> dict:
+    """The fields of a `rank` or `findings` request, each of the right type and within its bounds
+    (ProtocolError otherwise, naming the field). Unknown fields are refused too: a typo must not be
+    ignored."""
+    op = request.get("op", RANK if "prompts" in request else FINDINGS)
+    fields = RANK_FIELDS if op == RANK else FINDINGS_FIELDS
+    unknown = sorted(set(request) - set(fields) - {"id", "op"})
     if unknown:
-        raise ProtocolError(f"unknown field(s) {', '.join(unknown)[:200]} in a rank request")
-    for name, (types, required) in RANK_FIELDS.items():
+        raise ProtocolError(f"unknown field(s) {', '.join(unknown)[:200]} in a {op} request")
+    for name, (types, required) in fields.items():
         value = request.get(name)
         if value is None:
             if required:
@@ -137,14 +149,14 @@ def check_rank(request: dict) -> dict:
             raise ProtocolError(f"'{name}' must be {' or '.join(t.__name__ for t in types)}")
         if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
             raise ProtocolError(f"'{name}' is longer than {MAX_TEXT_CHARS} characters")
-    prompts = request["prompts"]
-    if not prompts or len(prompts) > MAX_PROMPTS:
-        raise ProtocolError(f"'prompts' must hold 1 to {MAX_PROMPTS} texts")
-    for text in prompts:
+    texts, most = (request["prompts"], MAX_PROMPTS) if op == RANK else (request["findings"], MAX_FINDINGS)
+    if not texts or len(texts) > most:
+        raise ProtocolError(f"'{'prompts' if op == RANK else 'findings'}' must hold 1 to {most} texts")
+    for text in texts:
         if not isinstance(text, str) or not text.strip():
-            raise ProtocolError("every prompt must be a non-empty text")
+            raise ProtocolError(f"every {'prompt' if op == RANK else 'finding'} must be a non-empty text")
         if len(text) > MAX_PROMPT_CHARS:
-            raise ProtocolError(f"a prompt is longer than {MAX_PROMPT_CHARS} characters "
+            raise ProtocolError(f"a text is longer than {MAX_PROMPT_CHARS} characters "
                                 "(the text encoder reads 77 tokens)")
     _in_range(request, "max_slices", 0, MAX_SLICES)
     _in_range(request, "batch_size", 1, MAX_BATCH)

@@ -68,6 +68,14 @@ class Volume:
         origin = np.diag([-1.0, -1.0, 1.0]) @ m[:3, 3]
         return cls.from_array(array, tuple(spacing), lps / spacing, tuple(origin))
 
+    def ijk_to_ras(self) -> np.ndarray:
+        """The 4x4 IJK-to-RAS matrix (spacing folded in) that `from_ijk_to_ras` reads."""
+        m = np.eye(4)
+        flip = np.diag([-1.0, -1.0, 1.0])
+        m[:3, :3] = flip @ np.asarray(self.direction, dtype=float) @ np.diag(np.asarray(self.spacing, dtype=float))
+        m[:3, 3] = flip @ np.asarray(self.origin, dtype=float)
+        return m
+
     @property
     def shape(self):
         return self.array.shape

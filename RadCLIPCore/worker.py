@@ -10,9 +10,11 @@ the result record is defined; `serve` checks each request there before it reache
 from __future__ import annotations
 
 import gc
+import hashlib
 from collections import OrderedDict
 from typing import Callable
 
+import numpy as np
 import torch
 
 
@@ -22,6 +24,9 @@ from .volume_io import Volume, read_volume
 from .loading import load_model
 from .presets import DEFAULT_MODEL
 from . import protocol as P
+from .anatomy_lexicon import load_anatomy_lexicon
+from .findings import (FindingTemplates, OperatingPoints, anatomy_labelmap, check_findings, findings_record,
+                       model_templates, model_thresholds)
 
 VOLUMES_KEPT = 4  # volumes remembered by key (the model's own cache keeps their embeddings)
 
@@ -42,7 +47,9 @@ class WorkerSession:
     def __init__(self):
         self._models: dict = {}
         self._volumes: OrderedDict = OrderedDict()
-        self._embeddings: OrderedDict = OrderedDict()  # (model, volume key, plane, max slices) -> embedding
+        # (model, volume key, plane, max slices, label map) -> (volume embedding, anatomy embeddings)
+        self._embeddings: OrderedDict = OrderedDict()
+        self._groups: dict = {}  # id(anatomy embeddings) -> ({anatomy: segment names}, unknown segment names)
 
     # ------------------------------------------------------------------ models
     def model(self, request: dict, emit: Callable[[dict], None]):
@@ -60,6 +67,7 @@ class WorkerSession:
         self._models.clear()
         self._volumes.clear()
         self._embeddings.clear()
+        self._groups.clear()
         gc.collect()
         release_memory()
 
@@ -88,12 +96,44 @@ class WorkerSession:
     # ------------------------------------------------------------------ requests
     def rank_request(self, request: dict, emit: Callable[[dict], None], cancelled: Callable[[], bool]) -> dict:
         """The `rank` op: the `rank --json` record, plus per-segment rankings for a label map."""
-        prompts = P.check_rank(request)["prompts"]
+        prompts = P.check_request(request)["prompts"]
+        model, emb, anatomies, embedded = self._embedded(request, emit, cancelled, lexicon=None)
+        emit({"event": P.PROGRESS, "stage": P.RANKING_PROMPTS})
+        record = model.ranking_record(emb, prompts, anatomies)
+        record["embedded"] = embedded  # False: served from the embedding cache
+        return record
+
+    def findings_request(self, request: dict, emit: Callable[[dict], None], cancelled: Callable[[], bool]) -> dict:
+        """The `findings` op: the `findings --json` record (each finding on the volume and, with a
+        label map, on each report-level anatomy of the bundled TotalSegmentator lexicon)."""
+        P.check_request(request)
+        findings = check_findings(request["findings"])
+        templates = FindingTemplates.from_dict(request["templates"]) if request.get("templates") else None
+        thresholds = OperatingPoints.read(request["thresholds"]) if request.get("thresholds") else None
+        model, emb, anatomies, embedded = self._embedded(request, emit, cancelled, lexicon=load_anatomy_lexicon())
+        emit({"event": P.PROGRESS, "stage": P.SCORING_FINDINGS})
+        segments, unknown = self._groups.get(id(anatomies), ({}, [])) if anatomies is not None else ({}, [])
+        record = findings_record(model, emb, findings, templates or model_templates(model),
+                                 thresholds or model_thresholds(model), anatomies, segments, unknown)
+        record["embedded"] = embedded
+        return record
+
+    def _embedded(self, request, emit, cancelled, lexicon):
+        """(model, VolumeEmbedding, AnatomyEmbeddings or None, whether slices went through the tower).
+        A volume known by key is not read again; with a label map, its anatomies (segments, or the
+        lexicon's anatomies when `lexicon` is given) are remembered with the volume, so new prompts or
+        findings on them cost only text-tower work."""
         model = self.model(request, emit)
         max_slices = request.get("max_slices") or None  # 0 = every slice
         plane = request.get("plane") or None
         key = request.get("volume_key")
-        remembered = (id(model), key, plane, max_slices) if key is not None else None
+        min_patches = float(request.get("min_patches", 1.0))
+        labelmap = self._labelmap(request) if "labelmap" in request else None
+        seg_key = None
+        if labelmap is not None:
+            seg_key = (hashlib.blake2b(np.ascontiguousarray(labelmap.volume.array).tobytes(), digest_size=16).hexdigest(),
+                       tuple(sorted(labelmap.names.items())), min_patches, lexicon is not None)
+        remembered = (id(model), key, plane, max_slices, seg_key) if key is not None else None
         embedded = []
 
         def progress(done, total):
@@ -104,31 +144,31 @@ class WorkerSession:
 
         if cancelled():
             raise Cancelled()
-        emb = self._embeddings.get(remembered)
+        if remembered is not None and remembered in self._embeddings:
+            self._embeddings.move_to_end(remembered)
+            emb, anatomies = self._embeddings[remembered]
+            return model, emb, anatomies, False
         anatomies = None
-        if "labelmap" in request:  # one pass of the tower gives the volume and every segment
-            volume = self.volume(request)
+        if labelmap is not None:  # one pass of the tower gives the volume and every segment
+            labels = sorted(int(k) for k in request.get("segments") or {}) or None
+            groups = None
+            if lexicon is not None:
+                labelmap, segments, unknown = anatomy_labelmap(labelmap, lexicon)
+                labels, groups = None, (segments, unknown)
             emb, anatomies = model.embed_volume_and_anatomies(
-                volume, self._labelmap(request), labels=sorted(int(k) for k in request.get("segments") or {}) or None,
-                plane=plane, max_slices=max_slices, min_patches=float(request.get("min_patches", 1.0)),
-                batch_size=request.get("batch_size"), progress=progress)
-        elif emb is None:  # known by key: no need to read or even hash the voxels again
+                self.volume(request), labelmap, labels=labels, plane=plane, max_slices=max_slices,
+                min_patches=min_patches, batch_size=request.get("batch_size"), progress=progress)
+            if groups is not None:
+                self._groups[id(anatomies)] = groups
+        else:
             emb = model.embed_volume(self.volume(request), plane=plane, max_slices=max_slices,
                                      batch_size=request.get("batch_size"), progress=progress)
         if remembered is not None:
-            self._embeddings[remembered] = emb
+            self._embeddings[remembered] = (emb, anatomies)
             while len(self._embeddings) > VOLUMES_KEPT:
-                self._embeddings.popitem(last=False)
-        emit({"event": P.PROGRESS, "stage": P.RANKING_PROMPTS})
-        record = model.ranking_record(emb, prompts)
-        record["embedded"] = bool(embedded)  # False: served from the embedding cache
-        if anatomies is not None:
-            record["segments"] = [{"segment": anatomies.names[v],
-                                   "prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine}
-                                               for r in model.rank(vec, prompts)]}
-                                  for v, vec in sorted(anatomies.embeddings.items())]
-            record["missing_segments"] = {anatomies.names[v]: why for v, why in anatomies.missing.items()}
-        return record
+                _, (_, old) = self._embeddings.popitem(last=False)
+                self._groups.pop(id(old), None)
+        return model, emb, anatomies, bool(embedded)
 
     @staticmethod
     def _labelmap(request) -> LabelMap:

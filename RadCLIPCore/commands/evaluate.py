@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import RadCLIPError
-from ..evaluation import NEGATIVE_TEMPLATES, ZERO_SHOT_TEMPLATES, EvaluationConfig, run_evaluation
+from ..evaluation import EvaluationConfig, run_evaluation
 from ..presets import DEFAULT_MODEL, DISTRACTORS
 from .common import OneLineParser, guarded
 
@@ -24,8 +24,9 @@ def add_arguments(p):
     p.add_argument("--candidates", nargs="*", help="texts for image-text matching (default: the manifest's texts)")
     p.add_argument("--distractors", nargs="*", default=list(DISTRACTORS),
                    help="non-radiology prompts for the modality-recognition figure")
-    p.add_argument("--templates", nargs="+", default=list(ZERO_SHOT_TEMPLATES), help="zero-shot positive templates")
-    p.add_argument("--negative-templates", nargs="+", default=list(NEGATIVE_TEMPLATES))
+    p.add_argument("--finding-templates", metavar="JSON",
+                   help="zero-shot prompt templates: {\"positive\": [\"{finding}.\", ...], \"negative\": [...], "
+                        "\"anatomy_positive\": [...], \"anatomy_negative\": [...]} (default: the model's, see `findings`)")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the AUC confidence interval")
     p.add_argument("--lexicon", metavar="JSON", help="anatomy level (fVLM): label value -> names and synonyms")
     p.add_argument("--findings", metavar="JSON", help='anatomy level: label value -> findings, e.g. {"5": ["lesion"]}; '
@@ -62,8 +63,8 @@ def config_from(args) -> EvaluationConfig:
     path = lambda value: Path(value) if value else None  # noqa: E731
     return EvaluationConfig(
         manifest=Path(args.manifest), output=Path(args.output), models=models(args.model), folds=args.folds,
-        seed=args.seed, candidates=args.candidates, distractors=tuple(args.distractors), templates=tuple(args.templates),
-        negative_templates=tuple(args.negative_templates), bootstrap=args.bootstrap, lexicon=path(args.lexicon),
+        seed=args.seed, candidates=args.candidates, distractors=tuple(args.distractors),
+        finding_templates=path(args.finding_templates), bootstrap=args.bootstrap, lexicon=path(args.lexicon),
         findings=path(args.findings), label_names=path(args.label_names), min_patches=args.min_patches,
         cache_dir=path(args.cache_dir), config=args.config, device=args.device, offline=args.offline)
 

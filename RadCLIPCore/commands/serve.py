@@ -91,8 +91,9 @@ def serve(stdin=None, stdout=None) -> int:
             try:
                 if rid in cancelled:
                     raise Cancelled()
-                if request["op"] == P.RANK:
-                    emit({"event": P.RESULT, "result": session.rank_request(request, emit, lambda: rid in cancelled)})
+                if request["op"] in (P.RANK, P.FINDINGS):
+                    compute_op = session.rank_request if request["op"] == P.RANK else session.findings_request
+                    emit({"event": P.RESULT, "result": compute_op(request, emit, lambda: rid in cancelled)})
                 else:
                     session.unload()
                     emit({"event": P.UNLOADED})
@@ -115,8 +116,8 @@ def serve(stdin=None, stdout=None) -> int:
                 continue
             try:
                 request = P.parse_request(line)
-                if request["op"] == P.RANK:
-                    P.check_rank(request)
+                if request["op"] in (P.RANK, P.FINDINGS):
+                    P.check_request(request)
             except P.ProtocolError as exc:
                 protocol.emit({"id": _valid_id(line), "event": P.ERROR, "message": str(exc), "code": exc.code})
                 continue

@@ -200,13 +200,23 @@ class WorkerClient:
         self._send(request, voxels)
         return rid
 
+    def send_findings(self, findings, array=None, ijk_to_ras=None, volume_key=None, path=None, labelmap=None,
+                      segments=None, **options) -> int:
+        """A `findings` request: each finding scored on the volume (and on each anatomy of a label
+        map); the voxels travel as for `send_rank`."""
+        return self._send_volume(P.FINDINGS, dict(options, findings=list(findings)), array, ijk_to_ras, volume_key,
+                                 path, labelmap, segments)
+
     def send_rank(self, prompts, array=None, ijk_to_ras=None, volume_key=None, path=None, labelmap=None,
                   segments=None, **options) -> int:
         """A `rank` request for voxels `array` (k, j, i) with their 4x4 IJK-to-RAS matrix, or a file
         `path`. `volume_key` (changes when voxels or geometry change) lets the worker reuse what it
         holds: the voxels are sent only when it does not hold them. The arrays are copied here (the
         caller's may be views of a Slicer volume); files and compression happen on the sender thread."""
-        fields = dict(options, prompts=list(prompts))
+        return self._send_volume(P.RANK, dict(options, prompts=list(prompts)), array, ijk_to_ras, volume_key, path,
+                                 labelmap, segments)
+
+    def _send_volume(self, op, fields, array, ijk_to_ras, volume_key, path, labelmap, segments) -> int:
         voxels = {}
         if path is not None:
             fields["volume"] = str(path)
@@ -220,7 +230,7 @@ class WorkerClient:
             voxels["labelmap"] = (np.array(labelmap, copy=True), None)
             fields["segments"] = {str(k): v for k, v in (segments or {}).items()}
         keep = None if path is not None or "array" in voxels else (np.array(array, copy=True), volume_key)
-        rid = self._submit(P.RANK, fields, voxels)
+        rid = self._submit(op, fields, voxels)
         if keep is not None:
             self._resend[rid] = keep  # in case the worker no longer holds it
         return rid
