@@ -35,7 +35,6 @@ import torch
 from .embedding_cache import hash_weights
 from .errors import RadCLIPError
 from .labelmaps import LabelMap
-from .preprocessing import fill_skipped_slices
 
 MAX_FINDING_CHARS = 200
 OPERATING_POINTS_FILE = "operating_points.json"
@@ -180,11 +179,16 @@ def prompt_pair(model, positives, negatives) -> np.ndarray:
 
 
 def present_probability(model, features: np.ndarray, positives, negatives) -> np.ndarray:
-    """(N, dim) or (dim,) unit features -> (N,) P(present): the softmax of the cosines with the
-    ensembled positive and negative prompts, at the model's temperature. Evaluation's zero-shot
-    score and `score_findings` are this function."""
+    """(N, dim) or (dim,) unit features -> (N,) P(present) for one finding: evaluation's zero-shot
+    score; `score_findings` scores every finding the same way (`pair_probability`)."""
     pair = prompt_pair(model, positives, negatives)
-    return prompt_softmax(np.atleast_2d(features) @ pair.T, model.temperature, axis=1)[:, 0]
+    return pair_probability(model, np.atleast_2d(features) @ pair.T)
+
+
+def pair_probability(model, cosines: np.ndarray) -> np.ndarray:
+    """(..., 2) cosines with the (positive, negative) prompt pair -> (...) P(present): the softmax of
+    the two cosines at the model's temperature. The one definition of the finding score."""
+    return prompt_softmax(cosines, model.temperature, axis=-1)[..., 0]
 
 
 # --------------------------------------------------------------------------- operating points
@@ -292,7 +296,8 @@ class FindingScore:
     slices: list | None = None  # input slices the anatomy covers (per-anatomy scores)
 
     def record(self) -> dict:
-        out = asdict(self)
+        out = {k: getattr(self, k) for k in ("finding", "anatomy", "probability", "cosine_present", "cosine_absent",
+                                            "evidence", "slice_probability", "present", "slices")}
         out["operating_point"] = asdict(self.operating_point) if self.operating_point else None
         return out
 
@@ -303,24 +308,26 @@ def score_findings(model, embedding, findings, templates: FindingTemplates | Non
     """Each finding on its own: P(present) from `vector` (default: the volume's or image's
     embedding; pass an anatomy's vector with `anatomy`), and, for a volume, the per-slice evidence
     from its slice embeddings (for an anatomy: over `covered_slices`, the slices it covers; zero
-    elsewhere)."""
+    elsewhere). All findings at once: one product with the cached prompt pairs."""
     templates = templates or model_templates(model)
     findings = check_findings(findings)
     volume = hasattr(embedding, "slice_embeddings")  # a model.VolumeEmbedding (this module is below model.py)
     if vector is None:
         vector = embedding.embedding if volume else embedding
     vector = np.asarray(vector, np.float32)
+    pairs = np.stack([prompt_pair(model, *templates.prompts(f, anatomy)) for f in findings])  # (F, 2, dim)
+    cos = pairs @ vector  # (F, 2)
+    probability = pair_probability(model, cos)
+    evidence = slice_probability = None
+    if volume:
+        evidence, slice_probability = _slice_evidence(model, embedding, pairs, covered_slices)
+    covered = sorted(int(c) for c in covered_slices) if volume and covered_slices is not None else None
     out = []
-    for finding in findings:
-        positives, negatives = templates.prompts(finding, anatomy)
-        pair = prompt_pair(model, positives, negatives)
-        cos = pair @ vector
-        score = FindingScore(finding, anatomy, float(present_probability(model, vector, positives, negatives)[0]),
-                             float(cos[0]), float(cos[1]))
-        if volume:
-            score.evidence, score.slice_probability = _slice_evidence(model, embedding, pair, covered_slices)
-            if covered_slices is not None:
-                score.slices = sorted(int(s) for s in covered_slices)
+    for i, finding in enumerate(findings):
+        score = FindingScore(finding, anatomy, float(probability[i]), float(cos[i, 0]), float(cos[i, 1]),
+                             evidence[i].tolist() if evidence is not None else None,
+                             slice_probability[i].tolist() if slice_probability is not None else None,
+                             slices=covered)
         point = thresholds.get(finding, anatomy) if thresholds is not None else None
         if point is not None:
             score.operating_point, score.present = point, bool(score.probability >= point.threshold)
@@ -328,24 +335,31 @@ def score_findings(model, embedding, findings, templates: FindingTemplates | Non
     return out
 
 
-def _slice_evidence(model, embedding, pair, covered=None):
-    slices = np.asarray(embedding.slice_embeddings, np.float32)
+def _slice_evidence(model, embedding, pairs, covered=None):
+    """(F, n) evidence (softmax over the slices of cos(present) - cos(absent), at the model's
+    temperature; over the covered slices only, when given) and (F, n) per-slice P(present), for
+    every input slice (skipped slices interpolated)."""
+    slices = np.asarray(embedding.slice_embeddings, np.float32)  # (S, dim)
     sampled = np.asarray(embedding.sampled_slices)
     n = len(embedding.slice_weights)
-    margin = (slices @ pair.T) @ np.array([1.0, -1.0])  # cos(present) - cos(absent), per embedded slice
-    probability = prompt_softmax(np.stack([margin, np.zeros_like(margin)], 1), model.temperature, axis=1)[:, 0]
-    per_slice = np.interp(np.arange(n), sampled, probability)
-    if covered is not None:
+    cos = np.einsum("sd,fkd->fsk", slices, pairs)  # (F, S, 2)
+    probability = pair_probability(model, cos)  # (F, S)
+    margin = (cos[..., 0] - cos[..., 1]).astype(np.float64)
+    keep = np.ones(len(sampled), bool)
+    inside = np.ones(n, bool)
+    if covered is not None and len(covered):
         keep = np.isin(sampled, np.asarray(sorted(covered)))
-        if keep.any():
-            weights = np.zeros(len(sampled))
-            weights[keep] = prompt_softmax(margin[keep][None], model.temperature, axis=1)[0]
-            spread = np.interp(np.arange(n), sampled, weights)
-            spread[~np.isin(np.arange(n), np.asarray(sorted(covered)))] = 0
-            if spread.sum() > 0:
-                return (spread / spread.sum()).astype(np.float32).tolist(), per_slice.astype(np.float32).tolist()
-    evidence = fill_skipped_slices(sampled, prompt_softmax(margin[None], model.temperature, axis=1)[0], n)
-    return evidence.tolist(), per_slice.astype(np.float32).tolist()
+        inside = np.isin(np.arange(n), np.asarray(sorted(covered)))
+        if not keep.any():
+            keep, inside = np.ones(len(sampled), bool), np.ones(n, bool)
+    logits = np.where(keep, margin / model.temperature, -np.inf)
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    grid = np.arange(n)
+    evidence = np.stack([np.interp(grid, sampled, w) for w in weights]) * inside
+    evidence /= evidence.sum(axis=1, keepdims=True)
+    per_slice = np.stack([np.interp(grid, sampled, p) for p in probability])
+    return evidence.astype(np.float32), per_slice.astype(np.float32)
 
 
 def model_templates(model) -> FindingTemplates:
