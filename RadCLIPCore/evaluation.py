@@ -283,11 +283,16 @@ def _run_anatomy(config, samples, out_dir, report) -> dict:
 def _write_operating_points(out_dir, name, model, templates, points: dict, report):
     """operating_points_<model>.json: each finding's Youden threshold with the sensitivity and
     specificity it was chosen at (copy it into the model folder as operating_points.json)."""
+    # a finding the prompts do not separate (AUC <= 0.5) gets no operating point: any threshold on it
+    # would call present or absent by chance (or inverted)
+    useless = sorted(f"{a + ': ' if a else ''}{f}" for (a, f), p in points.items() if not p.auc > 0.5)
     file = OperatingPoints(model_fingerprint(model), templates.to_dict(),
-                           {(a.lower(), f.lower()): p for (a, f), p in points.items()})
+                           {(a.lower(), f.lower()): p for (a, f), p in points.items() if p.auc > 0.5})
     path = out_dir / f"operating_points_{name}.json"
     atomic_write_text(path, file.to_json())
-    report(f"operating points ({len(points)} findings, Youden's J) written to {path}")
+    report(f"operating points ({len(file.points)} findings, Youden's J) written to {path}"
+           + (f"; none for {', '.join(useless)} (AUC <= 0.5: the prompts do not separate present from absent)"
+              if useless else ""))
 
 
 def markdown_table(rows, folds) -> str:
