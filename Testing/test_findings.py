@@ -125,22 +125,29 @@ def test_operating_points_from_evaluate_say_present_or_absent(demo, radclip_dir,
     points = OperatingPoints.read(out / "operating_points_tuned.json")
     model = load_model(radclip_dir, device="cpu")
     assert points.model == model_fingerprint(model)
-    assert set(points.points) == {("", "brain mri"), ("", "chest ct")}
-    p = points.get("Chest CT")
+    aucs = json.loads((out / "results.json").read_text())["details"]["tuned / slice-pooling adapter"]["zero_shot"]["per_class"]
+    separated = {c for c, auc in aucs.items() if auc > 0.5}  # only these get an operating point
+    assert {f for _, f in points.points} == {c.lower() for c in separated} and separated
+    name = sorted(separated)[0]
+    other = next(c for c in aucs if c != name)
+    p = points.get(name)
     assert 0 <= p.threshold <= 1 and 0 <= p.sensitivity <= 1 and p.positives == 6 and p.negatives == 6
-    res = run_cli("findings", chest_ct, "--model", radclip_dir, "--max-slices", 8, "--finding", "Chest CT",
+    assert p.auc == pytest.approx(aucs[name])
+    res = run_cli("findings", chest_ct, "--model", radclip_dir, "--max-slices", 8, "--finding", name,
                   "--finding", "pleural effusion", "--thresholds", out / "operating_points_tuned.json", "--json")
     assert res.returncode == 0, res.stderr
     record = json.loads(res.stdout)
-    chest, effusion = record["findings"]
-    assert chest["present"] == (chest["probability"] >= p.threshold)
-    assert chest["operating_point"]["sensitivity"] == pytest.approx(p.sensitivity)
+    called, effusion = record["findings"]
+    assert called["present"] == (called["probability"] >= p.threshold)
+    assert called["operating_point"]["sensitivity"] == pytest.approx(p.sensitivity)
     assert effusion["present"] is None and "pleural effusion" in res.stderr  # not in the file: a probability only
+    if other not in separated:
+        assert points.get(other) is None
     # the same file for another model: warned, not used
     other = load_model(radclip_dir, device="cpu", pooling="mean")
     assert model_fingerprint(other) != points.model
     res = run_cli("findings", chest_ct, "--model", radclip_dir, "--pooling", "mean", "--max-slices", 8, "--finding",
-                  "Chest CT", "--thresholds", out / "operating_points_tuned.json")
+                  name, "--thresholds", out / "operating_points_tuned.json")
     assert res.returncode == 0 and "another model" in res.stderr and "probabilities only" in res.stdout
 
 
