@@ -201,9 +201,12 @@ def _sample(row: dict, root: Path, n: int):
     slice_index = _clean(row.get("slice"))
     if slice_index is not None:
         try:
-            slice_index = int(float(slice_index))
-        except ValueError:
-            return None, f"slice index '{slice_index}' is not a number"
+            value = float(slice_index)
+            if not value.is_integer():
+                raise ValueError
+            slice_index = int(value)
+        except (ValueError, OverflowError):  # 'abc', 'inf', '1e999', 'nan', '2.5'
+            return None, f"slice index '{slice_index}' is not a whole number"
         if slice_index < 0:
             return None, f"slice index {slice_index} is negative"
     mask = _clean(row.get("mask"))

@@ -67,6 +67,10 @@ class TrainConfig:
                 raise RadCLIPError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise RadCLIPError(f"workers must be 0 or more, got {self.num_workers}")
+        most = max_workers()
+        if self.num_workers > most:  # each is a forked process with its own copy of the dataset's state
+            raise RadCLIPError(f"--workers {self.num_workers} is more than this machine can run usefully "
+                               f"(at most {most}: 4 per core this process may use)")
         if not self.lr > 0:
             raise RadCLIPError(f"learning rate must be positive, got {self.lr}")
 
@@ -80,6 +84,12 @@ def default_workers() -> int:
     by the processes torchrun starts on this machine, less one for the training itself."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+
+
+def max_workers() -> int:
+    """The most data-loader workers accepted: 4 per core this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 4 * max(1, cores)
 
 
 def peak_memory(device: torch.device) -> dict:

@@ -217,3 +217,19 @@ def test_anatomy_training_accounts_for_rows_and_survives_all_normal_batches(stud
     assert ("manifest rows: 6 train, 2 val (not used for early stopping: see the warning), 0 test (not used), "
             "0 bad (skipped)") in res.stdout.splitlines()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["monitor"] == "training loss"
+
+
+def test_slice_values_that_are_not_whole_numbers_are_bad_rows(images):
+    """inf, 1e999 and nan used to crash the run (OverflowError); 2.5 silently became slice 2."""
+    m = _manifest(images, "image,text,slice\n" + "".join(f"{n}.png,x,{v}\n" for n, v in
+                                                          zip("abcdefg", ["inf", "1e999", "nan", "2.5", "-1", "3", "4.0"])))
+    assert [s.image.name for s in m.samples] == ["f.png", "g.png"] and [s.slice for s in m.samples] == [3, 4]
+    assert len(m.bad) == 5
+
+
+def test_data_loader_workers_are_bounded():
+    from RadCLIPCore.trainer import TrainConfig, max_workers
+
+    with pytest.raises(RadCLIPError, match="--workers 100000 is more than"):
+        TrainConfig(num_workers=100000).check()
+    TrainConfig(num_workers=max_workers()).check()

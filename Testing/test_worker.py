@@ -1,6 +1,7 @@
 """The worker process (`python -m RadCLIPCore serve`) driven by the Slicer module's client, for real:
 subprocesses, pipes, signals, and the real chest CT. No Qt and no MRML here: the client is the part
 of the module that talks to the worker."""
+import json
 import os
 import signal
 import subprocess
@@ -329,3 +330,62 @@ def test_bad_requests_get_one_error_each_and_never_kill_hang_or_wedge_the_worker
     for volume in (_fifo(tmp_path / "v"), str(tmp_path)):  # a FIFO and a folder as the volume
         final = client.wait(client.request("rank", prompts=PROMPTS, model=str(radclip_dir), volume=volume), timeout=60)
         assert final["event"] == "error" and "\n" not in final["message"], final
+
+
+def test_a_worker_killed_before_the_next_request_still_ends_its_own(client, base_model_dir, radclip_dir, ct_array):
+    """The next request is sent (starting a fresh worker) before the dead worker's exit was read: the
+    request the dead worker held still ends with one error, and the new one with its result."""
+    array, matrix = ct_array
+    rid = client.send_rank(PROMPTS, array, matrix, model=str(base_model_dir), max_slices=40, batch_size=2)
+    _wait_for_stage(client, rid, "embedding slices")
+    first = client.pid
+    os.kill(first, signal.SIGKILL)
+    client._process.wait()
+    second = client.send_rank(PROMPTS, array, matrix, model=str(radclip_dir), max_slices=4)
+    assert client.wait(rid, timeout=60)["event"] == "error"
+    final = client.wait(second, timeout=300)
+    assert final["event"] == "result" and client.pid != first
+
+
+def test_two_volumes_queued_back_to_back_both_read_their_voxels(client, radclip_dir, ct_array):
+    """The second volume's file must not delete the first one's before the worker has read it."""
+    array, matrix = ct_array
+    a = client.send_rank(PROMPTS, array, matrix, volume_key="vol-a", model=str(radclip_dir), max_slices=4)
+    b = client.send_rank(PROMPTS, array[:, ::2, ::2].copy(), matrix, volume_key="vol-b", model=str(radclip_dir),
+                         max_slices=4)
+    assert client.wait(a)["event"] == "result" and client.wait(b)["event"] == "result"
+    assert len(list(Path(client._tmp.name).glob("*.npy"))) == 1  # the older file went once both had read
+
+
+def test_lines_before_the_protocol_are_skipped(radclip_dir, ct_array):
+    """An ssh login banner, a bare number or `null` before the first protocol line."""
+    c = WorkerClient(["sh", "-c", "echo 42; echo null; echo 'Welcome to gpu-box'; exec \"$0\" -m RadCLIPCore serve",
+                      sys.executable], env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    try:
+        array, matrix = ct_array
+        assert c.wait(c.send_rank(PROMPTS, array, matrix, model=str(radclip_dir), max_slices=4))["event"] == "result"
+    finally:
+        c.close()
+
+
+def test_a_stale_cancel_never_cancels_a_later_request_with_the_same_id(client, radclip_dir, ct_array):
+    array, matrix = ct_array
+    path = Path(client._tmp.name) / "stale.npy"
+    np.save(path, array[:8])
+    line = json.dumps({"id": "dup", "op": "rank", "prompts": PROMPTS, "model": str(radclip_dir), "max_slices": 4,
+                       "array": {"npy": str(path)}, "ijk_to_ras": matrix.tolist()})
+    client.start()
+    for text in (line, json.dumps({"id": "dup", "op": "cancel"}), line):
+        client._process.stdin.write(text.encode() + b"\n")
+        client._process.stdin.flush()
+        if text is line:
+            assert client.wait("dup", timeout=300)["event"] == "result"
+
+
+def _wait_for_stage(c, rid, stage):
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if any(e.get("stage") == stage for e in c.poll([rid])):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"request {rid} never reached '{stage}'")

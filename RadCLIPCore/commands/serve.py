@@ -75,6 +75,7 @@ def serve(stdin=None, stdout=None) -> int:
     session = WorkerSession()
     jobs: queue.Queue = queue.Queue()
     cancelled: set = set()
+    pending: set = set()  # ids queued or running: a cancel applies only to these (never to a later reuse of an id)
     state = {"running": None}
 
     def compute():
@@ -104,6 +105,7 @@ def serve(stdin=None, stdout=None) -> int:
                     log.exception("request %s failed", rid)
                 emit({"event": P.ERROR, "message": _one_line(exc), "code": getattr(exc, "code", P.FAILED)})
             finally:
+                pending.discard(rid)
                 cancelled.discard(rid)
                 state["running"] = None
 
@@ -123,9 +125,11 @@ def serve(stdin=None, stdout=None) -> int:
                 continue
             op, rid = request["op"], request.get("id")
             if op in P.COMPUTE_OPS:
+                pending.add(rid)
                 jobs.put(request)
             elif op == P.CANCEL:
-                cancelled.add(rid)  # seen by the running request's next slice batch, or when dequeued
+                if rid in pending:  # seen by the running request's next slice batch, or when dequeued
+                    cancelled.add(rid)
             elif op == P.PING:
                 protocol.emit({"id": rid, "event": P.PONG, **ping_info()})
             elif op == P.SHUTDOWN:

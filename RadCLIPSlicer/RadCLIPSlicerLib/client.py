@@ -68,6 +68,8 @@ class WorkerClient:
         self._ids = itertools.count(1)
         self._files = itertools.count(1)
         self._pending: dict = {}  # id -> the request (kept to resend voxels on `need_volume`)
+        self._owner: dict = {}  # id -> the worker process it was sent to (its death ends only those)
+        self._file_users: dict = {}  # voxels file -> ids of pending requests that name it
         self._stage: dict = {}  # id -> the last progress stage it reported
         self._request_files: dict = {}  # id -> files written for it alone (deleted when it ends)
         self._killed_to_cancel: set = set()  # ids whose cancel killed the worker (they end `cancelled`)
@@ -108,6 +110,8 @@ class WorkerClient:
         finally:
             log.close()
         self._known_volumes.clear()
+        if self._outbox is not None:  # a dead worker's sender thread: let it end
+            self._outbox.put(None)
         self._outbox = queue.Queue()
         threading.Thread(target=self._read, args=(self._process,), name="radclip-worker-reader", daemon=True).start()
         threading.Thread(target=self._write, args=(self._process, self._outbox), name="radclip-worker-sender",
@@ -196,6 +200,7 @@ class WorkerClient:
         request = {"id": rid, "op": op, **fields}
         with self._lock:
             self._pending[rid] = request
+            self._owner[rid] = self._process
             self._inbox.setdefault(rid, collections.deque())
         self._send(request, voxels)
         return rid
@@ -242,19 +247,28 @@ class WorkerClient:
             return P.encode_array(np.asarray(array))
         with self._lock:
             if key is not None and key in self._volume_files:
+                self._file_users.setdefault(self._volume_files[key], set()).add(rid)
                 return {"npy": self._volume_files[key]}
         path = Path(self._tmp.name) / f"voxels-{next(self._files)}.npy"
         np.save(path, np.asarray(array), allow_pickle=False)
         with self._lock:
-            if key is not None:
-                for old in self._volume_files.values():  # keep one file: the current volume
-                    Path(old).unlink(missing_ok=True)
+            if key is not None:  # one current volume file; older ones go once no pending request names them
+                old = list(self._volume_files.values())
                 self._volume_files = {key: str(path)}
+                self._file_users.setdefault(str(path), set()).add(rid)
+                for file in old:
+                    self._release(file)
             elif rid in self._pending:
                 self._request_files.setdefault(rid, []).append(path)
             else:  # it ended before the file was written
                 path.unlink(missing_ok=True)
         return {"npy": str(path)}
+
+    def _release(self, file):
+        """Delete a volume file no longer current once no pending request names it."""
+        if not self._file_users.get(file) and file not in self._volume_files.values():
+            self._file_users.pop(file, None)
+            Path(file).unlink(missing_ok=True)
 
     def cancel(self, rid: int):
         """Stop request `rid` within one slice batch; it then answers `cancelled`. While the worker
@@ -320,33 +334,39 @@ class WorkerClient:
 
     def _end(self, rid):
         self._pending.pop(rid, None)
+        self._owner.pop(rid, None)
         self._resend.pop(rid, None)
         self._stage.pop(rid, None)
         self._killed_to_cancel.discard(rid)
         for path in self._request_files.pop(rid, []):
             Path(path).unlink(missing_ok=True)
+        for file, users in list(self._file_users.items()):
+            if rid in users:
+                users.discard(rid)
+                self._release(file)
 
     def _handle(self, event):
         if event.get("event") == "_exit":
-            if event["process"] is not self._process and self._process is not None:
-                return  # an older worker's exit, already handled
-            self._process = None
-            self._known_volumes.clear()
-            if self._outbox is not None:
-                self._outbox.put(None)
-                self._outbox = None
-            if not self._pending:
+            process = event["process"]
+            if process is self._process:
+                self._process = None
+                self._known_volumes.clear()
+                if self._outbox is not None:
+                    self._outbox.put(None)
+                    self._outbox = None
+            # the requests sent to this process end here, even if a newer worker already runs
+            lost = sorted((rid for rid, owner in self._owner.items() if owner is process), key=str)
+            if not lost:
                 return
             cancelled = set(self._killed_to_cancel)
-            if set(self._pending) - cancelled:
+            if set(lost) - cancelled:
                 self.deaths += 1
             why = _exit_reason(event["returncode"], self.log_path)
-            for rid in sorted(self._pending, key=str):
+            for rid in lost:
                 self._deliver({"id": rid, "event": P.CANCELLED} if rid in cancelled else
                               {"id": rid, "event": P.ERROR, "code": P.WORKER_DIED,
                                "message": f"the RadCLIP worker stopped unexpectedly ({why}); "
                                           "it starts again with the next request"})
-            for rid in list(self._pending):
                 self._end(rid)
             return
         rid, kind = event.get("id"), event.get("event")
