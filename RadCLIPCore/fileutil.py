@@ -83,6 +83,22 @@ def check_output_file(path, what="output file") -> Path:
     return path
 
 
+def read_text(path, what: str, hint: str = "") -> str:
+    """A user's UTF-8 text file (a BOM is dropped), or one line naming `what` and the problem
+    (missing, a folder, not UTF-8, unreadable); `hint` says what the file should be."""
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise RadCLIPError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise RadCLIPError(f"{what} '{path}' is a folder" + (f"; give {hint}" if hint else "")) from None
+    except UnicodeDecodeError as exc:
+        raise RadCLIPError(f"{what} '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise RadCLIPError(f"cannot read {what} '{path}': {exc.strerror or exc}") from None
+
+
 def read_json(path, what: str):
     """The JSON value in `path`. `what` names it in the one-line error (e.g. "CLIP config 'x.json'")
     when the file cannot be read or is not JSON."""

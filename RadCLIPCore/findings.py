@@ -34,6 +34,7 @@ import torch
 
 from .embedding_cache import hash_weights
 from .errors import RadCLIPError
+from .fileutil import read_text
 from .labelmaps import LabelMap
 
 MAX_FINDING_CHARS = 200
@@ -116,17 +117,7 @@ def check_findings(findings) -> list[str]:
 
 def read_findings_file(path) -> list[str]:
     """A UTF-8 text file, one finding per line (# comments), or a JSON list of findings."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise RadCLIPError(f"findings file not found: {path}") from None
-    except IsADirectoryError:
-        raise RadCLIPError(f"findings file '{path}' is a folder; give a text file, one finding per line") from None
-    except UnicodeDecodeError as exc:
-        raise RadCLIPError(f"findings file '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    except OSError as exc:
-        raise RadCLIPError(f"cannot read findings file '{path}': {exc.strerror or exc}") from None
+    text = read_text(path, "findings file", "a text file, one finding per line")
     if text.lstrip().startswith("["):
         try:
             words = json.loads(text)
@@ -266,19 +257,11 @@ class OperatingPoints:
 
 
 def _read_json(path, what):
-    path = Path(path)
+    text = read_text(path, what)
     try:
-        return json.loads(path.read_bytes().decode("utf-8-sig"))
-    except FileNotFoundError:
-        raise RadCLIPError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise RadCLIPError(f"{what} '{path}' is a folder") from None
-    except UnicodeDecodeError as exc:
-        raise RadCLIPError(f"{what} '{path}' is not UTF-8 text (byte {exc.start})") from None
+        return json.loads(text)
     except ValueError as exc:
         raise RadCLIPError(f"{what} '{path}' is not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise RadCLIPError(f"cannot read {what} '{path}': {exc.strerror or exc}") from None
 
 
 # --------------------------------------------------------------------------- scoring

@@ -150,10 +150,4 @@ def test_a_remote_worker_needs_nothing_installed_in_slicer(tmp_path):
     assert missingForWorker(reqs, "ssh gpu-box /opt/venv/bin/python -m RadCLIPCore serve") == {"torch": [], "packages": []}
     local = missingForWorker(reqs, "")
     assert local == {"torch": [], "packages": ["no-such-package-radclip>=1.0"]}  # torch 2.13 is installed here
-    code = ("import sys; sys.path[:0] = [sys.argv[1]]\n"
-            "from RadCLIPSlicerLib.dependencies import missingForWorker\n"
-            "missingForWorker(sys.argv[2])\n"
-            "assert 'torch' not in sys.modules")
-    res = subprocess.run([sys.executable, "-c", code, str(MODULE), str(reqs)], capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr
+    # from package metadata only: test_slicer_process_never_imports_torch imports this module in a clean process

@@ -13,7 +13,7 @@ from ..errors import RadCLIPError
 from ..findings import (OperatingPoints, anatomy_labelmap, check_findings, findings_record, model_templates,
                         model_thresholds, read_findings_file, read_templates)
 from ..labelmaps import LabelMap, align_labelmap, read_label_names, read_labelmap
-from ..fileutil import atomic_path, atomic_write_text, check_output_file
+from ..fileutil import atomic_path, atomic_write_text, check_output_file, read_text
 from ..volume_io import check_readable, is_2d_image, read_volume
 from ..loading import load_model
 from ..plotting import plot_attention
@@ -96,17 +96,7 @@ def add_parsers(sub):
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        try:
-            text = path.read_bytes().decode("utf-8-sig")
-        except FileNotFoundError:
-            raise RadCLIPError(f"prompts file not found: {path}") from None
-        except IsADirectoryError:
-            raise RadCLIPError(f"prompts file '{path}' is a folder; give a text file, one prompt per line") from None
-        except UnicodeDecodeError as exc:
-            raise RadCLIPError(f"prompts file '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-        except OSError as exc:
-            raise RadCLIPError(f"cannot read prompts file '{path}': {exc.strerror or exc}") from None
+        text = read_text(args.prompts_file, "prompts file", "a text file, one prompt per line")
         prompts += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise RadCLIPError("no prompts given: use --prompt TEXT (repeatable) or --prompts-file FILE")

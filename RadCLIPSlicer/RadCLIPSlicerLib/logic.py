@@ -143,25 +143,27 @@ class RadCLIPSlicerMRMLLogic:
     def startRanking(self, client, volumeNode, prompts, segmentationNode=None, **options) -> RankingRun:
         """Read the scene and send one rank request to the worker `client`; the run remembers the
         nodes it was made for."""
-        prompts = [p.strip() for p in prompts if p and p.strip()]
-        if not prompts:
-            raise RadCLIPError("type at least one prompt")
-        if volumeNode is not None and volumeNode.GetAttribute("RadCLIP.sourceVolumeID"):
-            raise RadCLIPError(f"'{volumeNode.GetName()}' is RadCLIP's own relevance volume; choose the scan as input")
+        prompts = self._texts(volumeNode, prompts, "prompt")
         fields = self.volumeRequest(volumeNode, segmentationNode)
         rid = client.send_rank(prompts, **options, **fields)
         self._lastRun = RankingRun(rid, volumeNode.GetID(), volumeNode.GetName(),
                                    segmentationNode.GetID() if segmentationNode is not None else None, prompts)
         return self._lastRun
 
+    @staticmethod
+    def _texts(volumeNode, texts, what) -> list:
+        """The non-empty lines of a request, and a volume that is a scan (not our own output)."""
+        texts = [t.strip() for t in texts if t and t.strip()]
+        if not texts:
+            raise RadCLIPError(f"type at least one {what} (one per line)")
+        if volumeNode is not None and volumeNode.GetAttribute("RadCLIP.sourceVolumeID"):
+            raise RadCLIPError(f"'{volumeNode.GetName()}' is RadCLIP's own relevance volume; choose the scan as input")
+        return texts
+
     def startFindings(self, client, volumeNode, findings, segmentationNode=None, **options) -> RankingRun:
         """Send one `findings` request for the volume (and the anatomies of its segmentation, whose
         segment names the worker groups with the bundled TotalSegmentator lexicon)."""
-        findings = [f.strip() for f in findings if f and f.strip()]
-        if not findings:
-            raise RadCLIPError("type at least one finding (one per line)")
-        if volumeNode is not None and volumeNode.GetAttribute("RadCLIP.sourceVolumeID"):
-            raise RadCLIPError(f"'{volumeNode.GetName()}' is RadCLIP's own relevance volume; choose the scan as input")
+        findings = self._texts(volumeNode, findings, "finding")
         fields = self.volumeRequest(volumeNode, segmentationNode)
         rid = client.send_findings(findings, **options, **fields)
         return RankingRun(rid, volumeNode.GetID(), volumeNode.GetName(),
