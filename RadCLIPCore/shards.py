@@ -23,6 +23,8 @@ import io
 import json
 import math
 import os
+import re
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +39,12 @@ from .fileutil import atomic_path, atomic_write_text, read_json
 from .preprocessing import unit_to_clip
 
 FORMAT = "radclip-shards"
-VERSION = 1
+VERSION = 2  # 2: each shard's size and fingerprint (a shard is tied to its index)
 SPLITS = ("train", "val")
+SHARD_NAME = re.compile(r"(train|val)-\d{5}\.tar")
+KEY = re.compile(r"row\d{9}")
+MAX_SAMPLE_BYTES = 1 << 30  # one unit image: far below this
+FINGERPRINT_BYTES = 1 << 16  # read from each end of a shard to tie it to its index
 
 
 def is_shard_index(path) -> bool:
@@ -127,7 +133,7 @@ def pack_shards(splits: dict, out_dir, config, shard_size: int, seed: int, rejec
                 for s in chunk:
                     if f"row{s.row:09d}" not in packed:
                         reject(s, "unreadable when it was packed (see the first packing's warning)")
-            shards.append({"file": path.name, "split": split, "table": table})
+            shards.append({"file": path.name, "split": split, "table": table, **shard_identity(path)})
             done += len(chunk)
             if progress:
                 progress(done, total)
@@ -136,9 +142,25 @@ def pack_shards(splits: dict, out_dir, config, shard_size: int, seed: int, rejec
     index = {"format": FORMAT, "version": VERSION, "preprocessing": config.to_dict(), "texts": texts,
              "shards": [{"file": sh["file"], "split": sh["split"], "keys": [k for k, *_ in sh["table"]],
                          "text_ids": [ids[t] for _, t, _, _ in sh["table"]],
-                         "offsets": [o for *_, o, _ in sh["table"]], "lengths": [n for *_, n in sh["table"]]}
+                         "offsets": [o for *_, o, _ in sh["table"]], "lengths": [n for *_, n in sh["table"]],
+                         "size": sh["size"], "fingerprint": sh["fingerprint"]}
                         for sh in shards]}
     return index
+
+
+def shard_identity(path: Path) -> dict:
+    """A shard's size and a fingerprint of its first and last 64 KiB (the first member's name is its
+    first row): cheap to check each time the index is opened, and a shard copied in from another
+    pack, truncated or rewritten no longer matches."""
+    size = path.stat().st_size
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            h.update(f.read(FINGERPRINT_BYTES))
+    return {"size": size, "fingerprint": h.hexdigest()}
 
 
 def write_index(out_dir, index: dict, rows: dict, line: str, bad: list):
@@ -182,6 +204,7 @@ class ShardIndex:
         if data.get("version") != VERSION:
             raise RadCLIPError(f"{path} was written by another version of RadCLIPSlicer (shard format "
                                f"{data.get('version')}, this one reads {VERSION}); pack the manifest again")
+        _check_index(path, data)
         return cls(path, data)
 
     @property
@@ -196,6 +219,55 @@ class ShardIndex:
             raise RadCLIPError(f"the shards in {self.path.parent} were packed with preprocessing {key} "
                                f"{packed.get(key)}, the model's is {wanted.get(key)}: pack them again with "
                                f"this --model (pack-shards), or train the model they were packed for")
+
+
+def _check_index(path: Path, data: dict):
+    """Every entry of an index, before anything is read through it: shard files are plain names in
+    the index's own folder (never `../` or absolute), regular files of the recorded size and
+    fingerprint; the columns are lists of one length, of the right types and ranges. One line,
+    naming the shard, otherwise."""
+    texts, shards = data.get("texts"), data.get("shards")
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts) or not isinstance(shards, list):
+        raise RadCLIPError(f"shard index {path} is damaged ('texts' and 'shards' must be lists): pack the manifest again")
+    if not isinstance(data.get("preprocessing"), dict):
+        raise RadCLIPError(f"shard index {path} is damaged (no 'preprocessing'): pack the manifest again")
+    for n, sh in enumerate(shards):
+        name = sh.get("file") if isinstance(sh, dict) else None
+        where = f"shard index {path}, shard {name if isinstance(name, str) else n}"
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+            raise RadCLIPError(f"{where}: the file must be a shard name in the index's folder "
+                               "(train-NNNNN.tar or val-NNNNN.tar), never a path")
+        if sh.get("split") not in SPLITS or not name.startswith(sh["split"] + "-"):
+            raise RadCLIPError(f"{where}: unknown split {sh.get('split')!r}")
+        columns = [sh.get(k) for k in ("keys", "text_ids", "offsets", "lengths")]
+        if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) != 1:
+            raise RadCLIPError(f"{where}: keys, text_ids, offsets and lengths must be lists of one length")
+        keys, ids, offsets, lengths = columns
+        if not all(isinstance(k, str) and KEY.fullmatch(k) for k in keys):
+            raise RadCLIPError(f"{where}: a key is not rowNNNNNNNNN")
+        if not all(_int(i) and 0 <= i < len(texts) for i in ids):
+            raise RadCLIPError(f"{where}: a text id is outside the index's {len(texts)} texts")
+        if not all(_int(o) and o >= 0 for o in offsets) or not all(_int(n) and 0 < n <= MAX_SAMPLE_BYTES for n in lengths):
+            raise RadCLIPError(f"{where}: an offset is negative or a length is out of range")
+        file = path.parent / name
+        try:
+            info = os.stat(file)
+        except OSError as exc:
+            raise RadCLIPError(f"{where}: cannot read {file} ({exc.strerror})") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise RadCLIPError(f"{where}: {file} is not a regular file")
+        if not _int(sh.get("size")) or not isinstance(sh.get("fingerprint"), str):
+            raise RadCLIPError(f"{where}: no size or fingerprint: pack the manifest again")
+        if shard_identity(file) != {"size": sh["size"], "fingerprint": sh["fingerprint"]}:
+            raise RadCLIPError(f"{where}: {file.name} is not the shard this index was packed with "
+                               "(copied from another pack, truncated or changed since): pack the manifest again")
+        end = max((o + n for o, n in zip(offsets, lengths)), default=0)
+        if info.st_size < end:
+            raise RadCLIPError(f"{where}: the file is shorter ({info.st_size} bytes) than its samples ({end})")
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class ShardDataset(Dataset):

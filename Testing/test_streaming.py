@@ -255,3 +255,51 @@ def test_two_ddp_processes_each_read_their_own_share_of_the_rows(train_only, sou
     assert sorted(set(seen[0]) | set(seen[1])) == expected
     assert len(set(seen[0]) & set(seen[1])) <= 1
     assert {f.name.split("-")[0] for f in trace.iterdir()} == {"rank0", "rank1"}
+
+
+@pytest.mark.parametrize("case", ["parent path", "absolute path", "foreign shard", "fewer texts than ids",
+                                  "short offset table", "missing keys", "negative offset", "empty tar",
+                                  "a folder as shard"])
+def test_a_shard_index_never_reaches_outside_its_pack_and_damage_is_one_line(shards, tmp_path, case):
+    """Every entry is checked when the index opens: shard names are plain names in the index's folder,
+    each shard is the one it was packed with (size and fingerprint), the columns are whole."""
+    import shutil
+
+    from RadCLIPCore import RadCLIPError
+    from RadCLIPCore.shards import ShardIndex
+
+    _, packed, _ = shards
+    copy = tmp_path / "pack"
+    shutil.copytree(packed, copy)
+    index = json.loads((copy / "index.json").read_text())
+    first = index["shards"][0]
+    if case == "parent path":
+        first["file"] = "../other/train-00000.tar"
+    elif case == "absolute path":
+        first["file"] = "/etc/passwd"
+    elif case == "foreign shard":  # another pack's shard of the same name: here, the next shard's bytes
+        shutil.copy(copy / index["shards"][1]["file"], copy / first["file"])
+    elif case == "fewer texts than ids":
+        index["texts"] = index["texts"][:1]
+    elif case == "short offset table":
+        first["offsets"] = first["offsets"][:-1]
+    elif case == "missing keys":
+        del first["keys"]
+    elif case == "negative offset":
+        first["offsets"][0] = -512
+    elif case == "empty tar":
+        (copy / first["file"]).write_bytes(b"")
+    elif case == "a folder as shard":
+        (copy / first["file"]).unlink()
+        (copy / first["file"]).mkdir()
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(RadCLIPError) as err:
+        ShardIndex.open(copy)
+    message = str(err.value)
+    assert "\n" not in message and "shard" in message, message
+    if case in ("parent path", "absolute path"):
+        assert "never a path" in message
+    if case == "foreign shard":
+        assert "not the shard this index was packed with" in message
+    res = run(STAGE1, *stage1_args(copy, tmp_path / "run", "--epochs", 1))  # the CLI: one line, exit 2
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
