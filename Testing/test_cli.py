@@ -168,3 +168,21 @@ def test_bad_input_in_a_real_subprocess_has_no_traceback(bad_files, radclip_dir)
     res = run_cli("rank")  # argparse usage error: one line too
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "error: python -m RadCLIPCore rank: the following arguments are required: VOLUME (see --help)"]
+
+
+@pytest.mark.parametrize("command", ["pack-shards", "pretrain-2d", "pretrain-adapter", "pretrain-anatomy"])
+def test_training_and_packing_outputs_are_checked_before_any_model_loads(command, tmp_path, capsys):
+    """An output that is a file, or under a file: one line, exit 2, before the (unreachable) model."""
+    (tmp_path / "blocker").write_text("a file")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,text\n")
+    for output in (tmp_path / "blocker", tmp_path / "blocker" / "run"):
+        if command == "pack-shards":
+            argv = [command, str(manifest), str(output), "--model", str(tmp_path / "no-model")]
+        else:
+            argv = [command, "--train-manifest", str(manifest), "--output", str(output), "--model", str(tmp_path / "no-model")]
+            if command == "pretrain-anatomy":
+                argv += ["--lexicon", str(manifest)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "blocker" in err[0] and "no-model" not in err[0], err

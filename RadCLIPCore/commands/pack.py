@@ -2,6 +2,7 @@
 shards that stage 1 streams (`stages.run_pack_shards`, format in `shards.py`)."""
 from __future__ import annotations
 
+from ..fileutil import check_output_dir
 from ..presets import DEFAULT_MODEL
 from ..stages import PackConfig, run_pack_shards
 from ..trainer import TrainingHooks
@@ -27,6 +28,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    check_output_dir(args.output, "shard folder")  # before the model loads or a row is read
     config = PackConfig(manifest=args.manifest, output=args.output, model=args.model, init_config=args.init_config,
                         model_config=args.model_config, offline=args.offline, shard_size=args.shard_size,
                         seed=args.seed, intensity=args.intensity, windows=args.windows,
