@@ -93,10 +93,15 @@ def check_int(key: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+MAX_HU_SPAN = 1e6  # CT windows: far beyond any scanner's range (about -1024 to 30000 HU)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def check_number(key: str, value, positive: bool = False) -> float:
-    """A finite number (JSON files may hold NaN and Infinity; either gives NaN probabilities)."""
+    """A finite number that float32 (the pixel arithmetic) can hold (JSON files may hold NaN and
+    Infinity; either gives NaN probabilities, and 1e39 becomes inf in float32)."""
     if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-            or (positive and value <= 0)):
+            or abs(value) > FLOAT32_MAX or (positive and value <= 0)):
         raise ConfigError(f"'{key}' must be a finite {'positive ' if positive else ''}number, got {shown(value)}")
     return float(value)
 
@@ -107,7 +112,8 @@ def check_numbers(key: str, value, count: int, positive: bool = False) -> tuple:
             return tuple(check_number(key, v, positive) for v in value)
         except ConfigError:
             pass  # named below with the whole value
-    raise ConfigError(f"'{key}' must be {count} finite {'positive ' if positive else ''}numbers, got {shown(value)}")
+    raise ConfigError(f"'{key}' must be {count} finite {'positive ' if positive else ''}numbers (at most {FLOAT32_MAX:.3g} "
+                      f"in size), got {shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -198,8 +204,9 @@ def _check_windows(windows, intensity) -> tuple:
             raise ConfigError(f"'preprocessing.windows' has unknown window {shown(w)} "
                               f"(known: {', '.join(CT_WINDOWS)}, or [level, width] in HU)")
         level, width = check_numbers("preprocessing.windows", w, 2)
-        if width <= 0:
-            raise ConfigError(f"'preprocessing.windows' width must be positive, got {shown(list(w))}")
+        if width <= 0 or width > MAX_HU_SPAN or abs(level) > MAX_HU_SPAN:
+            raise ConfigError(f"'preprocessing.windows' needs a positive width and a level within ±{MAX_HU_SPAN:g} HU "
+                              f"(a wider window maps every voxel to one grey), got {shown(list(w))}")
         out.append((level, width))
     return tuple(out)
 

@@ -146,3 +146,21 @@ def test_preprocess_config_round_trips():
     assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(RadCLIPError, match="unknown preprocessing"):
         PreprocessConfig.from_dict({"image_size": 3, "gamma": 2})
+
+
+@pytest.mark.parametrize("windows", [[(0.0, 1e39)], [(0.0, 1e30)], [(1e30, 400.0)], [(40.0, -1.0)]])
+def test_a_window_float32_cannot_represent_or_no_scanner_needs_is_refused(windows):
+    """--windows=0/1e39 used to become inf in float32 and write all-black PNGs with exit 0."""
+    from RadCLIPCore.preprocessing import ConfigError, PreprocessConfig
+
+    with pytest.raises(ConfigError, match="windows"):
+        PreprocessConfig(intensity="ct-window", windows=windows)
+
+
+def test_numbers_beyond_float32_are_refused_everywhere_in_the_policy():
+    from RadCLIPCore.preprocessing import ConfigError, PreprocessConfig
+
+    with pytest.raises(ConfigError, match="zscore_clip"):
+        PreprocessConfig(zscore_clip=1e39)
+    with pytest.raises(ConfigError, match="std"):
+        PreprocessConfig(std=(1e39, 1.0, 1.0))
