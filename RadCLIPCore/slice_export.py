@@ -19,7 +19,7 @@ from .errors import RadCLIPError
 from .fileutil import atomic_path
 from .intensity import volume_stats
 from .preprocessing import PLANES, PreprocessConfig, view_volume
-from .volume_io import read_volume
+from .volume_io import SUPPORTED_SUFFIXES, read_volume
 
 EXPORT_COLUMNS = ("image", "text", "source_volume", "source_slice", "source_plane", "intensity")
 
@@ -38,7 +38,7 @@ def export_slices(volume_path, out_dir, config: PreprocessConfig, planes=("auto"
                            "use --geometry letterbox, or a model whose resize equals its crop")
     volume_path, out_dir = Path(volume_path), Path(out_dir)
     volume = read_volume(volume_path)
-    stem = volume_path.name.split(".")[0] or "volume"
+    stem = export_stem(volume_path)
     rows = []
     views = [view_volume(volume, plane, None, config) for plane in planes]
     chosen = [np.arange(v.n_slices) if pick is None else np.unique(np.asarray(pick(v.plane, v.n_slices), int))
@@ -62,6 +62,17 @@ def export_slices(volume_path, out_dir, config: PreprocessConfig, planes=("auto"
             if progress:
                 progress(len(rows), total)
     return sorted(rows, key=lambda r: (PLANES.index(r["source_plane"]), r["source_slice"]))
+
+
+def export_stem(volume_path) -> str:
+    """The name a volume's PNGs start with: the file name without its image suffix only (a DICOM
+    UID such as `1.2.840.113619.2.1.nii.gz` keeps every part, so two such volumes never collide)."""
+    name = Path(volume_path).name
+    lower = name.lower()
+    for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return name[:-len(suffix)] or "volume"
+    return name or "volume"
 
 
 def write_png(unit: np.ndarray, path: Path):

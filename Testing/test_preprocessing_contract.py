@@ -349,3 +349,46 @@ def test_export_refuses_a_crop_that_would_read_back_zoomed(chest_ct, tmp_path):
     cfg = PreprocessConfig(image_size=64, intensity="minmax-8bit", geometry="crop", resize=72)
     with pytest.raises(RadCLIPError, match="72 px resize and a 64 px crop"):
         export_slices(chest_ct, tmp_path, cfg)
+
+
+def test_export_names_never_collide_and_the_folder_keeps_what_the_user_added(radclip_dir, chest_ct, tmp_path):
+    """DICOM-UID-like names (dots) keep every part; two volumes that would write the same PNG names
+    are refused before anything is written; a user's extra manifest columns survive a new export; a
+    binary --manifest is one line."""
+    import csv
+    import shutil
+
+    a, b = tmp_path / "1.2.840.113619.1.nii.gz", tmp_path / "1.2.840.113619.2.nii.gz"
+    shutil.copy(chest_ct, a)
+    shutil.copy(chest_ct, b)
+    out = tmp_path / "out"
+    res = cli("export-slices", a, b, out, "--model", radclip_dir, "--text", "Chest CT")
+    assert res.returncode == 0, res.stderr
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 2 * 133 and pngs[0].startswith("1.2.840.113619.1_axial_")
+    rows = list(csv.DictReader(open(out / "slices.csv")))
+    assert len(rows) == 266 and len({r["image"] for r in rows}) == 266
+    # the user adds a column; exporting a third volume keeps it
+    rows[0]["label"] = "normal"
+    with open(out / "slices.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    c = tmp_path / "other.nii.gz"
+    shutil.copy(chest_ct, c)
+    assert cli("export-slices", c, out, "--model", radclip_dir).returncode == 0
+    kept = list(csv.DictReader(open(out / "slices.csv")))
+    assert len(kept) == 399 and kept[0]["label"] == "normal"
+    # the same names from another source volume: refused, nothing overwritten
+    (tmp_path / "elsewhere").mkdir()
+    clash = tmp_path / "elsewhere" / "other.nii.gz"
+    shutil.copy(chest_ct, clash)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    res = cli("export-slices", clash, out, "--model", radclip_dir)
+    assert res.returncode == 2 and "would overwrite" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == before
+    res = cli("export-slices", c, clash, tmp_path / "fresh", "--model", radclip_dir)
+    assert res.returncode == 2 and "same names" in res.stderr and not list((tmp_path / "fresh").glob("*.png"))
+    (out / "binary.csv").write_bytes(b"\xff\xfe\x00\x01image")
+    res = cli("export-slices", c, out, "--model", radclip_dir, "--manifest", "binary.csv")
+    assert res.returncode == 2 and "not UTF-8" in res.stderr and len(res.stderr.strip().splitlines()) == 1

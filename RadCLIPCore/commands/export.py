@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 from ..fileutil import check_output_dir
@@ -9,7 +10,8 @@ from ..loading import model_preprocessing
 from ..manifests import write_manifest
 from ..preprocessing import PLANES
 from ..stages import PolicyChoice
-from ..slice_export import EXPORT_COLUMNS, export_slices
+from ..errors import RadCLIPError
+from ..slice_export import export_slices, export_stem
 from .common import add_preprocessing_options, progress_bar
 
 
@@ -41,20 +43,52 @@ def export_command(args) -> int:
     manifest = out / args.manifest
     planes = PLANES if args.plane == "all" else (args.plane,)
     rows = _earlier_rows(manifest)
-    total = 0
+    _check_names(args.volumes, rows)  # before anything is written: a collision is an error, never an overwrite
+    total, done = 0, 0
     for volume in args.volumes:
-        with progress_bar(f"export {Path(volume).name}", "slice") as update:
-            new = export_slices(volume, out, config, planes, args.text, progress=update)
+        try:
+            with progress_bar(f"export {Path(volume).name}", "slice") as update:
+                new = export_slices(volume, out, config, planes, args.text, progress=update)
+        except RadCLIPError as exc:
+            if done:
+                raise RadCLIPError(f"{exc} — already written: {total} slices of the first {done} volume(s), "
+                                   f"listed in {manifest}") from None
+            raise
         names = {r["image"] for r in new}
         rows = [r for r in rows if r.get("image") not in names] + new
         write_manifest(manifest, rows)  # after each volume: what is written is listed
-        total += len(new)
+        total, done = total + len(new), done + 1
     print(f"wrote {total} slices ({config.describe()}) to {out}; manifest {manifest}")
     return 0
 
 
 def _earlier_rows(manifest: Path) -> list:
+    """The rows of an earlier export into the same folder, with every column (a user's own kept)."""
     if not manifest.is_file():
         return []
-    with manifest.open(newline="", encoding="utf-8") as f:
-        return [{k: row.get(k, "") for k in EXPORT_COLUMNS} for row in csv.DictReader(f)]
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as f:
+            return [dict(row) for row in csv.DictReader(f)]
+    except UnicodeDecodeError as exc:
+        raise RadCLIPError(f"the manifest '{manifest}' is not UTF-8 text (byte {exc.start}): "
+                           "give another --manifest name") from None
+    except (OSError, csv.Error) as exc:
+        raise RadCLIPError(f"cannot read the manifest '{manifest}' ({exc})") from None
+
+
+def _check_names(volumes, rows):
+    """Two volumes whose slices would get the same PNG names (in this run, or already listed for
+    another source volume) are refused before anything is written."""
+    seen = {}
+    for volume in volumes:
+        stem, source = export_stem(volume), str(Path(volume).resolve())
+        if stem in seen and seen[stem] != source:
+            raise RadCLIPError(f"'{volume}' and '{seen[stem]}' would write PNGs of the same names ({stem}_...): "
+                               "rename one, or export them into separate folders")
+        seen[stem] = source
+    for row in rows:
+        stem = next((st for st in seen
+                     if re.fullmatch(rf"{re.escape(st)}_({'|'.join(PLANES)})_\d+\.png", str(row.get("image", "")))), None)
+        if stem is not None and row.get("source_volume") and row["source_volume"] != seen[stem]:
+            raise RadCLIPError(f"'{row['image']}' in this folder was exported from {row['source_volume']}; "
+                               f"exporting {seen[stem]} would overwrite it: use another folder")
