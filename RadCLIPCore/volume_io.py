@@ -124,6 +124,8 @@ def read_volume(path) -> Volume:
 
 
 def _read_file(path: Path) -> sitk.Image:
+    if _png_colour_type(path) == 4:  # grey + alpha: ITK has no pixel type for it
+        return _grey_alpha_png(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     if looks_like_dicom(path):  # before GDCM parses it (finding the reader does)
@@ -216,6 +218,28 @@ class ImageInfo:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def _png_colour_type(path: Path):
+    """The IHDR colour type of a PNG file (0 grey, 2 RGB, 4 grey + alpha, 6 RGBA), else None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(26)
+    except OSError:
+        return None
+    return head[25] if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and len(head) == 26 else None
+
+
+def _grey_alpha_png(path: Path) -> sitk.Image:
+    """A grey + alpha PNG as its grey channel (the alpha dropped, as for RGBA pictures)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            grey = np.asarray(im.getchannel(0))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise RadCLIPError(f"cannot read '{path}': corrupt, truncated or not an image ({exc})") from None
+    return sitk.GetImageFromArray(np.ascontiguousarray(grey))
+
+
 def read_image_info(path) -> ImageInfo:
     """The shape and geometry `read_volume` would return, from the header only (checking manifest
     rows before training: a PNG's header costs microseconds, its pixels milliseconds). Refuses what
@@ -228,9 +252,9 @@ def read_image_info(path) -> ImageInfo:
                          volume.origin)
     with open(path, "rb") as fh:
         head = fh.read(26)
-    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and head[25] in (0, 2, 6):  # grey, RGB, RGBA
+    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and head[25] in (0, 2, 4, 6):  # grey, RGB, grey+alpha, RGBA
         width, height = struct.unpack(">II", head[16:24])
-        _check_pixel_layout(path, 2, (width, height), {0: 1, 2: 3, 6: 4}[head[25]])
+        _check_pixel_layout(path, 2, (width, height), {0: 1, 2: 3, 4: 1, 6: 4}[head[25]])  # grey+alpha: read as grey
         return ImageInfo((1, height, width), (1.0, 1.0, 1.0), np.eye(3), head[24] <= 8)  # 1-8 bits: read as uint8
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))

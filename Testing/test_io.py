@@ -172,3 +172,18 @@ def test_bad_arrays(array, match):
 
     with pytest.raises(RadCLIPError, match=match):
         check_volume_shape(as_volume(array))
+
+
+def test_a_grey_and_alpha_png_reads_as_its_grey_channel(tmp_path):
+    """ITK has no pixel type for grey + alpha; common viewers open it: the alpha is dropped, as for RGBA."""
+    from PIL import Image
+
+    from RadCLIPCore import read_volume
+    from RadCLIPCore.volume_io import read_image_info
+
+    grey = (np.arange(600, dtype=np.uint8).reshape(20, 30) * 3) % 251
+    Image.fromarray(np.dstack([grey, np.full_like(grey, 128)]), "LA").save(tmp_path / "la.png")
+    Image.fromarray(grey, "L").save(tmp_path / "l.png")
+    la, plain = read_volume(tmp_path / "la.png"), read_volume(tmp_path / "l.png")
+    np.testing.assert_array_equal(la.array, plain.array)
+    assert la.array.dtype == np.uint8 and read_image_info(tmp_path / "la.png").shape == (1, 20, 30)
