@@ -60,19 +60,19 @@ class StageConfig:
     init_config: str | None = None  # instead: a randomly initialised bundled CLIP config (seeded by `seed`)
     model_config: str | None = None  # architecture of a .pth `model` (bundled name or config.json)
     offline: bool = False  # never download
-    epochs: int = 20
-    batch_size: int = 32  # global, over all processes
-    lr: float = 1e-4  # start of the cosine annealing
-    weight_decay: float = 0.05  # AdamW (L2)
-    warmup_steps: int = 0
-    patience: int = 5  # early stopping: epochs without improvement
-    accum_steps: int = 1  # gradient accumulation (negatives per micro-batch)
+    epochs: int = TrainConfig.epochs
+    batch_size: int = TrainConfig.batch_size  # global, over all processes
+    lr: float = TrainConfig.lr  # start of the cosine annealing
+    weight_decay: float = TrainConfig.weight_decay  # AdamW (L2)
+    warmup_steps: int = TrainConfig.warmup_steps
+    patience: int = TrainConfig.patience  # early stopping: epochs without improvement
+    accum_steps: int = TrainConfig.accum_steps  # gradient accumulation (negatives per micro-batch)
     loss: str = "calibrated"  # one of LOSSES
     temperature: float = 0.07
     learn_temperature: bool = False
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    seed: int = 0
+    seed: int = TrainConfig.seed
     workers: int | None = None  # data-loader worker processes (None: trainer.default_workers(), from the cores)
     max_steps: int | None = None  # stop after this many optimizer steps
     resume: bool = False  # continue from <output>/checkpoints/last.pt
@@ -128,9 +128,9 @@ class Stage2Config(PairStageConfig):
     plane: str = "auto"
     max_slices: int | None = None  # evenly spaced slices per volume in the cache
     cache_dir: str | Path | None = None  # slice-embedding cache (default <output>/embedding_cache)
-    adapter_heads: int = 8
-    pos_anchors: int = 32
-    adapter_dropout: float = 0.5
+    adapter_heads: int = AdapterConfig.num_heads
+    pos_anchors: int = AdapterConfig.pos_anchors
+    adapter_dropout: float = AdapterConfig.dropout
     slice_subsample: float = 1.0  # augmentation: keep a random fraction in [this, 1] of each volume's slices
 
 

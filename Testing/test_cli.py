@@ -186,3 +186,26 @@ def test_training_and_packing_outputs_are_checked_before_any_model_loads(command
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "blocker" in err[0] and "no-model" not in err[0], err
+
+
+def test_every_training_default_has_one_home_the_config_dataclass():
+    """The options' defaults are the config fields' (and the trainer's and the adapter's, which those
+    take theirs from): the CLI and the Python API cannot drift apart."""
+    from dataclasses import MISSING, fields
+
+    from RadCLIPCore.adapter import AdapterConfig
+    from RadCLIPCore.commands.train import STAGES, stage_parser
+    from RadCLIPCore.stages import Stage2Config
+    from RadCLIPCore.trainer import TrainConfig
+
+    for stage, (_, _, _, _, config_class, _) in STAGES.items():
+        parser = stage_parser(stage)
+        defaults = {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
+        options = {a.dest: a.default for a in parser._actions if a.option_strings and a.dest in defaults}
+        assert options == {k: defaults[k] for k in options} and len(options) > 20, stage
+    train = {f.name: f.default for f in fields(TrainConfig)}
+    stage2 = {f.name: f.default for f in fields(Stage2Config)}
+    for name in ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "patience", "accum_steps", "seed"):
+        assert stage2[name] == train[name], name
+    assert (stage2["adapter_heads"], stage2["pos_anchors"], stage2["adapter_dropout"]) == (
+        AdapterConfig.num_heads, AdapterConfig.pos_anchors, AdapterConfig.dropout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from contextlib import ExitStack, contextmanager
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 from ..anatomy import POOLINGS as ANATOMY_POOLINGS
 from ..anatomy_stage import DEFAULT_SLICES_PER_ANATOMY, AnatomyStageConfig, run_anatomy_stage
@@ -99,13 +99,13 @@ def _stage_arguments(p: argparse.ArgumentParser, normal_pattern: bool = True):
     p.add_argument("--config", dest="model_config", metavar="CONFIG",
                    help="architecture of a .pth --model (bundled name or config.json)")
     p.add_argument("--offline", action="store_true", help="never download")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch over all processes")
-    p.add_argument("--lr", type=float, default=1e-4, help="start of the cosine annealing")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW (L2) weight decay")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--patience", type=int, default=5, help="early stopping: epochs without validation improvement")
-    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation (negatives per micro-batch)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch over all processes")
+    p.add_argument("--lr", type=float, help="start of the cosine annealing")
+    p.add_argument("--weight-decay", type=float, help="AdamW (L2) weight decay")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement")
+    p.add_argument("--accum-steps", type=int, help="gradient accumulation (negatives per micro-batch)")
     p.add_argument("--loss", choices=LOSSES, default="calibrated",
                    help="calibrated (default): pairs with the same text, or both matching --normal-pattern, are "
                         "positives; infonce: plain symmetric InfoNCE")
@@ -119,7 +119,7 @@ def _stage_arguments(p: argparse.ArgumentParser, normal_pattern: bool = True):
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, default=None,
                    help=f"data-loader worker processes (default: the cores per process less one, "
                         f"{default_workers()} here; 0 = read in the training process)")
@@ -140,9 +140,9 @@ def _stage2_options(p):
     p.add_argument("--plane", default="auto", choices=("auto",) + PLANES)
     p.add_argument("--max-slices", type=int, default=None, help="evenly spaced slices per volume in the cache")
     p.add_argument("--cache-dir", help="slice-embedding cache (default <output>/embedding_cache)")
-    p.add_argument("--adapter-heads", type=int, default=8)
-    p.add_argument("--pos-anchors", type=int, default=32)
-    p.add_argument("--adapter-dropout", type=float, default=0.5)
+    p.add_argument("--adapter-heads", type=int)
+    p.add_argument("--pos-anchors", type=int)
+    p.add_argument("--adapter-dropout", type=float)
     p.add_argument("--slice-subsample", type=float, default=1.0,
                    help="augmentation: keep a random fraction in [this, 1] of each volume's slices (1 = off)")
 
@@ -189,8 +189,22 @@ def stage_parser(stage: str) -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description=description)
     _stage_arguments(p, normal_pattern=normal_pattern)
     own_options(p)
+    _defaults_from(p, config_class)
     p.set_defaults(func=lambda args: _train(run, config_class, args))
     return p
+
+
+def _defaults_from(p: argparse.ArgumentParser, config_class):
+    """Every option's default is its config field's (one home for each default: the dataclass), and
+    its help says it."""
+    defaults = {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
+    for action in p._actions:
+        if action.dest in defaults and action.option_strings:
+            action.default = defaults[action.dest]
+            if action.default is not None and action.default is not False and action.default != "" and \
+                    "default" not in (action.help or ""):
+                shown = f"{action.default:g}" if isinstance(action.default, float) else str(action.default)
+                action.help = f"{action.help}; default {shown}" if action.help else f"default {shown}"
 
 
 def _main(parser: argparse.ArgumentParser, argv) -> int:
