@@ -171,10 +171,11 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         if file.is_file() and looks_like_dicom(file):
             check_dicom_elements(file)
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
+    with _native_output_captured():  # ITK's multi-line warnings ("No Series were found") stay off the terminal
+        series = reader.GetGDCMSeriesIDs(str(folder))
+        files = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
     if not series:
         raise RadCLIPError(f"no DICOM series found in folder '{folder}'")
-    files = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
     chosen = max(series, key=lambda sid: len(files[sid]))
     if len(series) > 1:
         logging.getLogger("RadCLIPCore").warning(

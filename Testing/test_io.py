@@ -187,3 +187,19 @@ def test_a_grey_and_alpha_png_reads_as_its_grey_channel(tmp_path):
     la, plain = read_volume(tmp_path / "la.png"), read_volume(tmp_path / "l.png")
     np.testing.assert_array_equal(la.array, plain.array)
     assert la.array.dtype == np.uint8 and read_image_info(tmp_path / "la.png").shape == (1, 20, 30)
+
+
+def test_a_folder_of_non_image_files_is_one_line_without_itk_noise(tmp_path):
+    """ITK's own multi-line `WARNING: In ...itkGDCMSeriesFileNames.cxx` must not reach the terminal."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    for i in range(3):
+        (tmp_path / f"note{i}.txt").write_text(f"not an image {i}")
+    res = subprocess.run([sys.executable, "-m", "RadCLIPCore", "rank", str(tmp_path), "--prompt", "x"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**__import__("os").environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "no DICOM series" in lines[0], res.stderr
