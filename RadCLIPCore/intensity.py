@@ -31,19 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .choices import CT_WINDOWS
 from .errors import RadCLIPError
 
-# (level, width) in HU, the usual radiology presets
-CT_WINDOWS = {
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (50.0, 350.0),
-    "soft-tissue": (40.0, 400.0),
-    "brain": (40.0, 80.0),
-    "bone": (400.0, 1800.0),
-}
-POLICIES = ("zscore-volume", "zscore-slice", "ct-window", "percentile", "ct-window-or-percentile", "minmax-8bit")
-WINDOWED = ("ct-window", "ct-window-or-percentile")
-DEFAULT_WINDOWS = ("lung", "mediastinum", "bone")
 CT_AIR_HU = -500.0
 _STATS_CHUNK = 16  # slices per chunk when streaming statistics over big volumes
 _PERCENTILE_SAMPLE = 2_000_000  # voxels the percentiles are taken from (a strided sample of big volumes)

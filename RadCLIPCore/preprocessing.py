@@ -37,15 +37,13 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .choices import CT_WINDOWS, DEFAULT_WINDOWS, GEOMETRIES, PLANES, POLICIES, WINDOWED
 from .errors import RadCLIPError
-from .intensity import (CT_WINDOWS, DEFAULT_WINDOWS, POLICIES, WINDOWED, VolumeStats, display_unit, policy_label,
-                        to_unit, volume_stats)
+from .intensity import VolumeStats, display_unit, policy_label, to_unit, volume_stats
 from .volume_io import Volume, ijk_axis
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PLANES = ("axial", "coronal", "sagittal")
-GEOMETRIES = ("letterbox", "crop")
 PIL_BICUBIC = 3  # PIL's resampling codes: 0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming
 
 

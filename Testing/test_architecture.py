@@ -5,7 +5,8 @@
 - no import cycles, counting imports inside functions too;
 - no private name (`_x`) imported from another module;
 - an import inside a function is only a lazy import of a heavy optional dependency, never of our own
-  modules (that would be a cycle dodged, not removed).
+  modules (that would be a cycle dodged, not removed) — except in the command layer, whose commands
+  import the (torch-heavy) library when they run, so that parsing and `--help` start at once.
 """
 import ast
 from pathlib import Path
@@ -104,7 +105,7 @@ def test_no_import_cycles():
 def test_no_private_name_is_imported_from_another_module():
     offenders = [f"{name} imports {n} from {module}" for name, path in modules().items()
                  for module, names, _ in imports(name, path) if module.startswith("RadCLIPCore")
-                 for n in names if n.startswith("_")]
+                 for n in names if n.startswith("_") and not (n.startswith("__") and n.endswith("__"))]
     assert offenders == []
 
 
@@ -112,6 +113,8 @@ def test_imports_inside_functions_are_only_lazy_heavy_dependencies():
     offenders = []
     for name, path in modules().items():
         for module, _, inside in imports(name, path):
-            if inside and (module.startswith("RadCLIPCore") or module.split(".")[0] not in LAZY_OK):
+            ours = module.startswith("RadCLIPCore")
+            if inside and not (ours and name.startswith("RadCLIPCore.commands")) and \
+                    (ours or module.split(".")[0] not in LAZY_OK):
                 offenders.append(f"{name} imports {module} inside a function")
     assert offenders == []

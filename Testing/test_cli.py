@@ -209,3 +209,25 @@ def test_every_training_default_has_one_home_the_config_dataclass():
         assert stage2[name] == train[name], name
     assert (stage2["adapter_heads"], stage2["pos_anchors"], stage2["adapter_dropout"]) == (
         AdapterConfig.num_heads, AdapterConfig.pos_anchors, AdapterConfig.dropout)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["rank", "--help"], ["findings", "--help"],
+                                  ["embed", "--help"], ["export-slices", "--help"], ["evaluate", "--help"],
+                                  ["serve", "--help"], ["pack-shards", "--help"], ["rank", "--max-slices", "0", "x"],
+                                  ["no-such-command"], ["rank", "/no/such/ct.nii.gz", "--prompt", "x"],
+                                  ["findings", "/no/such/ct.nii.gz", "--finding", "x"],
+                                  ["embed", "/no/such/ct.nii.gz", "-o", "out.txt"],
+                                  ["rank", "/no/such/ct.nii.gz", "--prompt", "x", "--plot", "where.txt"],
+                                  ["export-slices", "/no/such/ct.nii.gz", "OUT"]])
+def test_help_usage_errors_and_input_checks_answer_before_torch_loads(argv, tmp_path):
+    """They need no model: the answer comes before torch or transformers is imported (seconds of CPU)."""
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    code = ("import sys\nfrom RadCLIPCore.commands import main\n"
+            "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as exc:\n    rc = exc.code\n"
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+            "print('RC', rc, 'HEAVY', heavy, file=sys.stderr)")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    last = res.stderr.strip().splitlines()[-1]
+    rc = 0 if "--help" in argv or "--version" in argv else 2
+    assert last == f"RC {rc} HEAVY []", (argv, res.stderr[-500:])

@@ -1,5 +1,7 @@
 """The command layer: turns arguments into configs and owns printing, progress bars and exit codes.
-No library module imports it (Testing/test_architecture.py checks that).
+No library module imports it (Testing/test_architecture.py checks that). Parsing imports no torch:
+`--help`, `--version`, usage errors and the input checks that need no model answer at once; each
+command imports the heavy library modules it runs.
 
     python -m RadCLIPCore rank|embed|export-slices|evaluate|serve|pack-shards|pretrain-2d|pretrain-adapter|pretrain-anatomy ...
 """
@@ -7,16 +9,20 @@ from __future__ import annotations
 
 import sys
 
-from . import evaluate, export, inference, pack, serve, train
+import importlib
+
+from .. import __version__
+from . import evaluate, export, inference, pack, serve
 from .common import OneLineParser, guarded
 
-TRAINING = {"pretrain-2d": train.main_stage1, "pretrain-adapter": train.main_stage2,
-            "pretrain-anatomy": train.main_anatomy}
+# the training stages' parsers take their defaults from the config dataclasses (torch): loaded on use
+TRAINING = {"pretrain-2d": "main_stage1", "pretrain-adapter": "main_stage2", "pretrain-anatomy": "main_anatomy"}
 
 
 def build_parser():
     parser = OneLineParser(prog="python -m RadCLIPCore",
                            description="Radiology vision-language models (RadCLIP) on the command line.")
+    parser.add_argument("--version", action="version", version=f"RadCLIPCore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     inference.add_parsers(sub)
     export.add_parser(sub)
@@ -38,6 +44,6 @@ def build_parser():
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in TRAINING:
-        return TRAINING[argv[0]](argv[1:])
+        return getattr(importlib.import_module(".train", __name__), TRAINING[argv[0]])(argv[1:])
     args = build_parser().parse_args(argv)
     return guarded(lambda: args.func(args))

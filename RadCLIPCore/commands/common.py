@@ -13,8 +13,7 @@ import sys
 from contextlib import contextmanager
 
 from ..errors import RadCLIPError
-from ..intensity import CT_WINDOWS, DEFAULT_WINDOWS, POLICIES
-from ..preprocessing import GEOMETRIES
+from ..choices import CT_WINDOWS, DEFAULT_WINDOWS, GEOMETRIES, POLICIES
 
 EXIT_USER_ERROR = 2
 
@@ -75,11 +74,16 @@ def guarded(run) -> int:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if os.environ.get("RADCLIP_VERBOSE") else logging.WARNING)
     logger.propagate = False
+    # transformers' warnings and the hub's progress bars off, without importing transformers here
+    # (seconds of start-up): read when it is first imported; set directly if it already is
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        from transformers.utils import logging as hf_logging
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
         return run()
     except RadCLIPError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import RadCLIPError
-from ..evaluation import EvaluationConfig, run_evaluation
 from ..presets import DEFAULT_MODEL, DISTRACTORS
 from .common import OneLineParser, guarded
 
@@ -59,7 +58,9 @@ def models(specs) -> list:
     return out
 
 
-def config_from(args) -> EvaluationConfig:
+def config_from(args):
+    from ..evaluation import EvaluationConfig
+
     path = lambda value: Path(value) if value else None  # noqa: E731
     return EvaluationConfig(
         manifest=Path(args.manifest), output=Path(args.output), models=models(args.model), folds=args.folds,
@@ -70,6 +71,8 @@ def config_from(args) -> EvaluationConfig:
 
 
 def evaluate_command(args) -> int:
+    from ..evaluation import run_evaluation
+
     run_evaluation(config_from(args), report=print)
     return 0
 

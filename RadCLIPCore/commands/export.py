@@ -6,12 +6,9 @@ import re
 from pathlib import Path
 
 from ..fileutil import check_output_dir
-from ..loading import model_preprocessing
-from ..manifests import write_manifest
-from ..preprocessing import PLANES
-from ..stages import PolicyChoice
+from ..volume_io import check_readable
+from ..choices import PLANES
 from ..errors import RadCLIPError
-from ..slice_export import export_slices, export_stem
 from .common import add_preprocessing_options, progress_bar
 
 
@@ -35,11 +32,18 @@ def add_parser(sub):
 
 
 def export_command(args) -> int:
+    out = check_output_dir(args.outdir)  # the checks that need no model first
+    for volume in args.volumes:
+        check_readable(volume)
+    from ..loading import model_preprocessing
+    from ..manifests import write_manifest
+    from ..slice_export import export_slices
+    from ..stages import PolicyChoice
+
     kwargs = {"config": args.config, "offline": True if args.offline else None}
     config = model_preprocessing(args.model, **kwargs) if args.model else model_preprocessing(**kwargs)
     config = PolicyChoice(intensity=args.intensity, windows=args.windows, percentiles=args.percentiles,
                           geometry=args.geometry).preprocessing(config)
-    out = check_output_dir(args.outdir)
     manifest = out / args.manifest
     planes = PLANES if args.plane == "all" else (args.plane,)
     rows = _earlier_rows(manifest)
@@ -79,6 +83,8 @@ def _earlier_rows(manifest: Path) -> list:
 def _check_names(volumes, rows):
     """Two volumes whose slices would get the same PNG names (in this run, or already listed for
     another source volume) are refused before anything is written."""
+    from ..slice_export import export_stem
+
     seen = {}
     for volume in volumes:
         stem, source = export_stem(volume), str(Path(volume).resolve())

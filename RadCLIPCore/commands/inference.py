@@ -1,4 +1,6 @@
-"""`rank` and `embed`: one volume or 2D image in, ranked prompts or an embedding file out."""
+"""`rank`, `findings` and `embed`: one volume or 2D image in, ranked prompts, findings or an embedding
+file out. The library's heavy modules (torch, transformers) are imported inside the commands, after
+the checks that need no model: `--help`, usage errors and a missing file answer at once."""
 from __future__ import annotations
 
 import io
@@ -10,14 +12,10 @@ import numpy as np
 
 from ..anatomy_lexicon import load_anatomy_lexicon
 from ..errors import RadCLIPError
-from ..findings import (OperatingPoints, anatomy_labelmap, check_findings, findings_record, model_templates,
-                        model_thresholds, read_findings_file, read_templates)
 from ..labelmaps import LabelMap, align_labelmap, read_label_names, read_labelmap
 from ..fileutil import atomic_path, atomic_write_text, check_output_file, read_text
 from ..volume_io import check_readable, is_2d_image, read_volume
-from ..loading import load_model
-from ..plotting import plot_attention
-from ..preprocessing import PLANES, check_volume_shape
+from ..choices import PLANES
 from ..presets import DEFAULT_MODEL
 from .common import positive_int, progress_bar
 
@@ -106,6 +104,8 @@ def read_prompts(args) -> list[str]:
 def _embed(args):
     """Read the input, load the model, embed. Returns (model, volume, VolumeEmbedding or None, vector)."""
     path = check_readable(args.image)
+    from ..preprocessing import check_volume_shape
+
     volume = read_volume(path)  # read and check before loading the model: bad files fail fast
     image = is_2d_image(path, volume)
     if not image:
@@ -145,6 +145,8 @@ def rank_command(args) -> int:
     record = model.ranking_record(emb if emb is not None else vec, prompts)
     ranked = record["prompts"]
     if args.plot:
+        from ..plotting import plot_attention
+
         if emb is None:
             raise RadCLIPError("--plot shows weights per slice; the input is a 2D image")
         plot_attention(emb, volume, args.plot, title=f"{Path(args.image).name}: where along the volume",
@@ -167,7 +169,10 @@ def rank_command(args) -> int:
 def _rank_segments(args, prompts) -> int:
     """`rank --segmentation`: the volume's ranking and one per segment, from one pass of the tower
     (the record the worker sends)."""
-    volume = read_volume(check_readable(args.image))
+    path = check_readable(args.image)
+    from ..preprocessing import check_volume_shape
+
+    volume = read_volume(path)
     check_volume_shape(volume)
     labelmap = _segmentation(args, volume)
     model = _load(args)
@@ -188,12 +193,19 @@ def _rank_segments(args, prompts) -> int:
 
 
 def _load(args):
+    from ..loading import load_model
+
     return load_model(args.model or DEFAULT_MODEL, device=args.device, precision=args.precision,
                       offline=True if args.offline else None, config=args.config, pooling=args.pooling,
                       batch_size=args.batch_size)
 
 
 def findings_command(args) -> int:
+    check_readable(args.image)  # before the library loads: a missing file answers at once
+    from ..findings import (OperatingPoints, anatomy_labelmap, check_findings, findings_record, model_templates,
+                            model_thresholds, read_findings_file, read_templates)
+    from ..preprocessing import check_volume_shape
+
     findings = check_findings(list(args.finding) + (read_findings_file(args.findings_file) if args.findings_file else []))
     templates = read_templates(args.templates) if args.templates else None
     thresholds = OperatingPoints.read(args.thresholds) if args.thresholds else None
@@ -231,6 +243,8 @@ def findings_command(args) -> int:
     if args.plot:
         if image:
             raise RadCLIPError("--plot shows evidence per slice; the input is a 2D image")
+        from ..plotting import plot_attention
+
         plot_attention(emb, volume, args.plot, title=f"{Path(args.image).name}: where each finding is seen",
                        relevance={f["finding"]: np.asarray(f["evidence"]) for f in record["findings"][:5]},
                        kind="evidence")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from ..fileutil import check_output_dir
 from ..presets import DEFAULT_MODEL
-from ..stages import PackConfig, run_pack_shards
-from ..trainer import TrainingHooks
 from .common import add_preprocessing_options, positive_int, progress_bar
 
 
@@ -28,6 +26,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from ..stages import PackConfig, run_pack_shards
+    from ..trainer import TrainingHooks
+
     check_output_dir(args.output, "shard folder")  # before the model loads or a row is read
     config = PackConfig(manifest=args.manifest, output=args.output, model=args.model, init_config=args.init_config,
                         model_config=args.model_config, offline=args.offline, shard_size=args.shard_size,

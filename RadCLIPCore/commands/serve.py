@@ -21,7 +21,6 @@ import threading
 
 from .. import protocol as P
 from ..errors import RadCLIPError
-from ..worker import Cancelled, WorkerSession
 
 log = logging.getLogger("RadCLIPCore")
 
@@ -70,6 +69,8 @@ def ping_info() -> dict:
 
 
 def serve(stdin=None, stdout=None) -> int:
+    from ..worker import Cancelled, WorkerSession
+
     stdin = stdin or sys.stdin
     protocol = _Protocol(stdout or _protocol_stdout())
     session = WorkerSession()

@@ -15,7 +15,7 @@ from dataclasses import MISSING, fields
 from ..anatomy import POOLINGS as ANATOMY_POOLINGS
 from ..anatomy_stage import DEFAULT_SLICES_PER_ANATOMY, AnatomyStageConfig, run_anatomy_stage
 from ..fileutil import check_output_dir
-from ..preprocessing import PLANES
+from ..choices import PLANES
 from ..presets import DEFAULT_MODEL
 from ..stages import LOSSES, Stage1Config, Stage2Config, run_stage1, run_stage2
 from ..trainer import TrainingHooks, default_workers
