@@ -73,6 +73,27 @@ def check_output_dir(path, what="output folder") -> Path:
     return path
 
 
+def check_output_dir_possible(path, what="output folder") -> Path:
+    """`path` is a writable folder, or can be created as one — checked without creating anything
+    (a bad input found later must leave nothing behind): no part of it is a file, and its nearest
+    existing ancestor is a writable folder."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise RadCLIPError(f"{what} '{path}' is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise RadCLIPError(f"{what} '{path}' is not writable")
+        return path
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RadCLIPError(f"{what} '{path}' cannot be created: a part of its path is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RadCLIPError(f"{what} '{path}' cannot be created: '{ancestor}' is not writable")
+    return path
+
+
 def check_output_file(path, what="output file") -> Path:
     """The folder that will receive `path` exists (or can be made) and is writable, and `path`
     itself is not a folder; checked before the work that produces the file."""

@@ -2,7 +2,7 @@
 shards that stage 1 streams (`stages.run_pack_shards`, format in `shards.py`)."""
 from __future__ import annotations
 
-from ..fileutil import check_output_dir
+from ..fileutil import check_output_dir_possible
 from ..presets import DEFAULT_MODEL
 from .common import add_preprocessing_options, positive_int, progress_bar
 
@@ -29,7 +29,7 @@ def run(args) -> int:
     from ..stages import PackConfig, run_pack_shards
     from ..trainer import TrainingHooks
 
-    check_output_dir(args.output, "shard folder")  # before the model loads or a row is read
+    check_output_dir_possible(args.output, "shard folder")  # before the model loads or a row is read
     config = PackConfig(manifest=args.manifest, output=args.output, model=args.model, init_config=args.init_config,
                         model_config=args.model_config, offline=args.offline, shard_size=args.shard_size,
                         seed=args.seed, intensity=args.intensity, windows=args.windows,

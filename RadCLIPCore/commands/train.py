@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 
 from ..anatomy import POOLINGS as ANATOMY_POOLINGS
 from ..anatomy_stage import DEFAULT_SLICES_PER_ANATOMY, AnatomyStageConfig, run_anatomy_stage
-from ..fileutil import check_output_dir
+from ..fileutil import check_output_dir_possible
 from ..choices import PLANES
 from ..presets import DEFAULT_MODEL
 from ..stages import LOSSES, Stage1Config, Stage2Config, run_stage1, run_stage2
@@ -73,7 +73,7 @@ def console_hooks(epochs: int, progress: bool = True):
 
 
 def _train(run, config_class, args) -> int:
-    check_output_dir(args.output, "--output folder")  # before the model loads or a row is read
+    check_output_dir_possible(args.output, "--output folder")  # before the model loads or a row is read
     config = config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
     with console_hooks(config.epochs, not args.no_progress) as hooks:
         summary = run(config, hooks)
