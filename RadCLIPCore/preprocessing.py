@@ -110,8 +110,10 @@ def check_numbers(key: str, value, count: int, positive: bool = False) -> tuple:
             return tuple(check_number(key, v, positive) for v in value)
         except ConfigError:
             pass  # named below with the whole value
-    raise ConfigError(f"'{key}' must be {count} finite {'positive ' if positive else ''}numbers (at most {FLOAT32_MAX:.3g} "
-                      f"in size), got {shown(value)}")
+    huge = isinstance(value, (list, tuple, np.ndarray)) and any(
+        isinstance(v, numbers.Real) and math.isfinite(v) and abs(v) > FLOAT32_MAX for v in value)
+    raise ConfigError(f"'{key}' must be {count} finite {'positive ' if positive else ''}numbers"
+                      f"{f' float32 can hold (at most {FLOAT32_MAX:.3g} in size)' if huge else ''}, got {shown(value)}")
 
 
 @dataclass(frozen=True)
