@@ -49,7 +49,6 @@ class WorkerSession:
         self._volumes: OrderedDict = OrderedDict()
         # (model, volume key, plane, max slices, label map) -> (volume embedding, anatomy embeddings)
         self._embeddings: OrderedDict = OrderedDict()
-        self._groups: dict = {}  # id(anatomy embeddings) -> ({anatomy: segment names}, unknown segment names)
 
     # ------------------------------------------------------------------ models
     def model(self, request: dict, emit: Callable[[dict], None]):
@@ -67,7 +66,6 @@ class WorkerSession:
         self._models.clear()
         self._volumes.clear()
         self._embeddings.clear()
-        self._groups.clear()
         gc.collect()
         release_memory()
 
@@ -97,7 +95,7 @@ class WorkerSession:
     def rank_request(self, request: dict, emit: Callable[[dict], None], cancelled: Callable[[], bool]) -> dict:
         """The `rank` op: the `rank --json` record, plus per-segment rankings for a label map."""
         prompts = P.check_request(request)["prompts"]
-        model, emb, anatomies, embedded = self._embedded(request, emit, cancelled, lexicon=None)
+        model, emb, anatomies, _, embedded = self._embedded(request, emit, cancelled, lexicon=None)
         emit({"event": P.PROGRESS, "stage": P.RANKING_PROMPTS})
         record = model.ranking_record(emb, prompts, anatomies)
         record["embedded"] = embedded  # False: served from the embedding cache
@@ -110,16 +108,17 @@ class WorkerSession:
         findings = check_findings(request["findings"])
         templates = FindingTemplates.from_dict(request["templates"]) if request.get("templates") else None
         thresholds = OperatingPoints.read(request["thresholds"]) if request.get("thresholds") else None
-        model, emb, anatomies, embedded = self._embedded(request, emit, cancelled, lexicon=load_anatomy_lexicon())
+        model, emb, anatomies, (segments, unknown), embedded = self._embedded(request, emit, cancelled,
+                                                                             lexicon=load_anatomy_lexicon())
         emit({"event": P.PROGRESS, "stage": P.SCORING_FINDINGS})
-        segments, unknown = self._groups.get(id(anatomies), ({}, [])) if anatomies is not None else ({}, [])
         record = findings_record(model, emb, findings, templates or model_templates(model),
                                  thresholds or model_thresholds(model), anatomies, segments, unknown)
         record["embedded"] = embedded
         return record
 
     def _embedded(self, request, emit, cancelled, lexicon):
-        """(model, VolumeEmbedding, AnatomyEmbeddings or None, whether slices went through the tower).
+        """(model, VolumeEmbedding, AnatomyEmbeddings or None, ({anatomy: segment names}, unknown segment
+        names) of the lexicon's grouping, whether slices went through the tower).
         A volume known by key is not read again; with a label map, its anatomies (segments, or the
         lexicon's anatomies when `lexicon` is given) are remembered with the volume, so new prompts or
         findings on them cost only text-tower work."""
@@ -146,29 +145,25 @@ class WorkerSession:
             raise Cancelled()
         if remembered is not None and remembered in self._embeddings:
             self._embeddings.move_to_end(remembered)
-            emb, anatomies = self._embeddings[remembered]
-            return model, emb, anatomies, False
-        anatomies = None
+            emb, anatomies, groups = self._embeddings[remembered]
+            return model, emb, anatomies, groups, False
+        anatomies, groups = None, ({}, [])
         if labelmap is not None:  # one pass of the tower gives the volume and every segment
             labels = sorted(int(k) for k in request.get("segments") or {}) or None
-            groups = None
             if lexicon is not None:
                 labelmap, segments, unknown = anatomy_labelmap(labelmap, lexicon)
                 labels, groups = None, (segments, unknown)
             emb, anatomies = model.embed_volume_and_anatomies(
                 self.volume(request), labelmap, labels=labels, plane=plane, max_slices=max_slices,
                 min_patches=min_patches, batch_size=request.get("batch_size"), progress=progress)
-            if groups is not None:
-                self._groups[id(anatomies)] = groups
         else:
             emb = model.embed_volume(self.volume(request), plane=plane, max_slices=max_slices,
                                      batch_size=request.get("batch_size"), progress=progress)
         if remembered is not None:
-            self._embeddings[remembered] = (emb, anatomies)
+            self._embeddings[remembered] = (emb, anatomies, groups)
             while len(self._embeddings) > VOLUMES_KEPT:
-                _, (_, old) = self._embeddings.popitem(last=False)
-                self._groups.pop(id(old), None)
-        return model, emb, anatomies, bool(embedded)
+                self._embeddings.popitem(last=False)
+        return model, emb, anatomies, groups, bool(embedded)
 
     @staticmethod
     def _labelmap(request) -> LabelMap:

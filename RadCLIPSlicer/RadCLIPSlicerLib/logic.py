@@ -91,7 +91,6 @@ class RadCLIPSlicerMRMLLogic:
 
     def __init__(self):
         self._results: dict = {}  # relevance node ID -> (run, result) on display
-        self._lastRun = None
 
     # ------------------------------------------------------------------ requests (GUI thread: MRML reads only)
     @staticmethod
@@ -146,9 +145,8 @@ class RadCLIPSlicerMRMLLogic:
         prompts = self._texts(volumeNode, prompts, "prompt")
         fields = self.volumeRequest(volumeNode, segmentationNode)
         rid = client.send_rank(prompts, **options, **fields)
-        self._lastRun = RankingRun(rid, volumeNode.GetID(), volumeNode.GetName(),
-                                   segmentationNode.GetID() if segmentationNode is not None else None, prompts)
-        return self._lastRun
+        return RankingRun(rid, volumeNode.GetID(), volumeNode.GetName(),
+                          segmentationNode.GetID() if segmentationNode is not None else None, prompts)
 
     @staticmethod
     def _texts(volumeNode, texts, what) -> list:
