@@ -7,6 +7,7 @@ whether `get_image_features` returns a tensor or an output object (it changed in
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -188,13 +189,74 @@ def resolve_device(device="auto") -> torch.device:
     return dev
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+# Precisions that `auto` may pick on a CPU: each met the README's fidelity bar (embedding cosine to fp32
+# >= 0.995 and the same top-1 on every test volume, on trained models) in benchmarks/bench_precision.py.
+CPU_AUTO_VERIFIED = ("bf16", "int8")
 
 
-def resolve_precision(precision, device: torch.device) -> torch.dtype:
-    """`auto` = bf16 on CUDA, fp32 on CPU (bf16 on CPU only when asked for)."""
+def cpu_capabilities() -> dict:
+    """What this CPU runs natively, as torch reads it (cpuid; nothing is timed)."""
+    def flag(name):
+        probe = getattr(torch.cpu, name, None)
+        try:
+            return bool(probe()) if probe is not None else False
+        except RuntimeError:
+            return False
+
+    return {"avx2": flag("_is_avx2_supported"), "avx512": flag("_is_avx512_supported"),
+            "avx512_bf16": flag("_is_avx512_bf16_supported"), "amx": flag("_is_amx_tile_supported"),
+            "vnni": flag("_is_vnni_supported"),
+            "int8_kernels": any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))}
+
+
+CPU_PRECISION_ENV = "RADCLIP_CPU_PRECISION"  # pins what `auto` means on a CPU: fp32, bf16 or int8
+
+
+def auto_cpu_precision(capabilities: dict | None = None) -> str:
+    """`auto` on a CPU: what $RADCLIP_CPU_PRECISION pins, if set; else bf16 where the CPU has bf16
+    instructions (AMX or AVX512-BF16); else int8 (dynamic quantisation of the vision tower's Linear
+    layers) where torch has its x86 int8 kernels and the CPU AVX2 or better; else fp32. Only
+    precisions in CPU_AUTO_VERIFIED are picked."""
+    pinned = os.environ.get(CPU_PRECISION_ENV, "").strip()
+    if pinned:
+        if pinned not in ("fp32", "bf16", "int8"):
+            raise RadCLIPError(f"{CPU_PRECISION_ENV}={pinned!r} is not a CPU precision: use fp32, bf16 or int8")
+        return pinned
+    caps = cpu_capabilities() if capabilities is None else capabilities
+    if (caps.get("amx") or caps.get("avx512_bf16")) and "bf16" in CPU_AUTO_VERIFIED:
+        return "bf16"
+    if caps.get("int8_kernels") and (caps.get("avx2") or caps.get("avx512")) and "int8" in CPU_AUTO_VERIFIED:
+        return "int8"
+    return "fp32"
+
+
+def resolve_precision(precision, device: torch.device) -> str:
+    """The precision a model runs in: `auto` = bf16 on CUDA, `auto_cpu_precision()` on a CPU, fp32
+    elsewhere. int8 is the CPU's only (its kernels are x86/ARM CPU kernels)."""
     if precision in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return "bf16" if device.type == "cuda" else auto_cpu_precision() if device.type == "cpu" else "fp32"
     if precision not in PRECISIONS:
-        raise RadCLIPError(f"unknown precision '{precision}': use auto, fp32, bf16 or fp16")
-    return PRECISIONS[precision]
+        raise RadCLIPError(f"unknown precision '{precision}': use auto, fp32, bf16, fp16 or int8")
+    if precision == "int8" and device.type != "cpu":
+        raise RadCLIPError(f"precision int8 runs on the CPU only, not on '{device}': use fp32, bf16 or fp16 there")
+    if precision == "int8" and not cpu_capabilities()["int8_kernels"]:
+        raise RadCLIPError("precision int8 needs torch's x86 int8 kernels, which this torch build lacks: use fp32 or bf16")
+    return precision
+
+
+def quantize_vision_int8(clip: CLIPModel) -> CLIPModel:
+    """Dynamic int8 quantisation of the vision tower's Linear layers (weights int8 per tensor,
+    activations quantised per batch); the projections and the text tower stay fp32. In place; CPU only."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch marks its quantized tensor API deprecated: library noise
+        warnings.simplefilter("ignore")
+        clip.vision_model = quantize_dynamic(clip.vision_model, {torch.nn.Linear}, dtype=torch.qint8)
+    return clip
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())

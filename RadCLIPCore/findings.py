@@ -409,7 +409,7 @@ def findings_record(model, embedding, findings, templates: FindingTemplates | No
     findings = check_findings(findings)
     names = list(anatomies.names.values()) if anatomies is not None else []
     thresholds, notes = check_thresholds(thresholds, model, templates, findings, [None, *names])
-    record = {"model": model.source, "templates": templates.to_dict(),
+    record = {"model": model.source, "precision": model.precision, "templates": templates.to_dict(),
               "operating_points": thresholds.source if thresholds is not None else None,
               "warnings": [*warnings, *notes] + ([] if thresholds is not None else
                                                  ["no operating points: probabilities only (uncalibrated; "

@@ -37,7 +37,7 @@ from transformers import CLIPModel, CLIPTokenizer
 
 from .adapter import AdapterConfig, SlicePoolingAdapter
 from .anatomy import POOLINGS as ANATOMY_POOLINGS, AnatomyHead
-from .encoders import align_token_ids, bundled_tokenizer, read_clip_config, resolve_device, resolve_precision
+from .encoders import align_token_ids, bundled_tokenizer, is_quantized, read_clip_config, resolve_device, resolve_precision
 from .errors import RadCLIPError
 from .fileutil import atomic_path, read_json
 from .findings import FindingTemplates
@@ -487,6 +487,9 @@ def save_model(model: RadCLIPModel, path, card: str | None = None, training: dic
     `card`: text for the model card (how it was trained); `training`: facts recorded in the JSON.
     """
     path = Path(path)
+    if is_quantized(model.clip):
+        raise RadCLIPError("this model runs in int8 (quantised weights): save it from a model loaded with "
+                           "precision fp32")
     with atomic_path(path) as tmp:
         tmp.mkdir()
         clip = model.clip

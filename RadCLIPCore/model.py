@@ -7,6 +7,7 @@ text embeddings per text, so ranking new prompts on an embedded volume runs only
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from .adapter import SlicePoolingAdapter, mean_pool
 from .anatomy import pool_anatomies
-from .encoders import image_features, resolve_device, resolve_precision, text_features
+from .encoders import PRECISIONS, image_features, is_quantized, quantize_vision_int8, resolve_device, resolve_precision, text_features
 from .errors import RadCLIPError
 from .findings import prompt_softmax, score_findings
 from .volume_io import Volume, as_volume
@@ -35,6 +36,7 @@ log = logging.getLogger("RadCLIPCore")
 VOLUME_CACHE_SIZE = 8
 TEXT_CACHE_SIZE = 4096
 TEXT_BATCH_SIZE = 256  # texts per text-tower forward
+PROVISIONAL_SLICES = 16  # a volume of more than twice this many slices embeds this many, evenly spaced, first
 
 
 @dataclass
@@ -80,8 +82,9 @@ class RadCLIPModel:
                  plane: str = "auto", device="auto", precision="auto", batch_size: int | None = None,
                  source: str | None = None, card: str | None = None, anatomy_head=None, finding_templates=None):
         self.device = resolve_device(device)
-        self.dtype = resolve_precision(precision, self.device)
-        self.clip = clip.to(self.device, self.dtype).eval()
+        self.precision = resolve_precision(precision, self.device)  # fp32, bf16, fp16 or int8: what runs
+        self.dtype = PRECISIONS[self.precision]
+        self.clip = clip.to(self.device, self.dtype).eval()  # int8: quantised at the first image encoded
         self.tokenizer = tokenizer
         self.adapter = adapter.to(self.device, torch.float32).eval() if adapter is not None else None
         self.anatomy_head = anatomy_head.to(self.device, torch.float32).eval() if anatomy_head is not None else None
@@ -120,7 +123,16 @@ class RadCLIPModel:
     def encode_pixels(self, pixels: torch.Tensor, patch_tokens: bool = False):
         """(N, 3, S, S) preprocessed slices -> (N, dim) float32 unit-norm embeddings; with
         `patch_tokens`, also their (N, patches, dim) unit-norm patch vectors (same forward pass)."""
-        feats = image_features(self.clip, pixels.to(self.device, self.dtype), patch_tokens)
+        pixels = pixels.to(self.device, self.dtype)
+        if self.precision == "int8":
+            if not is_quantized(self.clip.vision_model):
+                quantize_vision_int8(self.clip)  # not before: until then the model can still be saved
+            # dynamic int8 scales activations per forward: one slice per forward, so that a slice's
+            # embedding never depends on the slices that share its batch
+            outs = [image_features(self.clip, pixels[i:i + 1], patch_tokens) for i in range(len(pixels))]
+            feats = torch.cat(outs) if not patch_tokens else tuple(torch.cat(o) for o in zip(*outs))
+        else:
+            feats = image_features(self.clip, pixels, patch_tokens)
         if not patch_tokens:
             return F.normalize(feats.float(), dim=-1)
         return F.normalize(feats[0].float(), dim=-1), F.normalize(feats[1].float(), dim=-1)
@@ -135,10 +147,11 @@ class RadCLIPModel:
 
     # ----------------------------------------------------------------- volumes
     def embed_volume(self, source, spacing=None, direction=None, plane=None, max_slices=None,
-                     batch_size=None, progress=None) -> VolumeEmbedding:
+                     batch_size=None, progress=None, provisional=None) -> VolumeEmbedding:
         """Embed a volume: a path (file or DICOM folder), a `Volume`, or a `(k, j, i)` array with
         `spacing` (i, j, k) in mm and an LPS `direction`. `plane=None` uses the model's plane policy.
-        `progress(done, total)`: see `embed_slices`.
+        `progress(done, total)` and `provisional(VolumeEmbedding)`: see `embed_slices` (neither is
+        called when the embedding comes from the cache).
         """
         plane = plane or self.plane
         _positive_int(batch_size, "batch size")  # checked before any reading or encoding
@@ -152,57 +165,77 @@ class RadCLIPModel:
         if content_key in self._volumes:
             result = self._cache_hit(content_key)
         else:
-            result = self._embed_volume(volume, plane, max_slices, batch_size, progress)
+            result = self._volume_embedding(self.embed_slices(volume, plane, max_slices, batch_size, progress,
+                                                              provisional=self._provisional_volume(provisional)))
             self._remember(self._volumes, content_key, result, VOLUME_CACHE_SIZE)
         if path_key is not None:
             self._remember(self._volumes, path_key, result, VOLUME_CACHE_SIZE)
         return result
+
+    def _provisional_volume(self, provisional):
+        """`provisional(VolumeEmbedding)` as embed_slices' `provisional(SliceEmbeddings)`."""
+        if provisional is None:
+            return None
+        return lambda subset: provisional(self._volume_embedding(subset))
 
     def _cache_hit(self, key):
         self._volumes.move_to_end(key)
         return self._volumes[key]
 
     def embed_slices(self, volume: Volume, plane=None, max_slices=None, batch_size=None, progress=None,
-                     patch_tokens=False):
+                     patch_tokens=False, provisional=None):
         """`SliceEmbeddings(prepared, embeddings, patches)`: the volume prepared for the model, the
         (len(prepared.sampled), dim) unit-norm embedding of each embedded slice in canonical order,
         and with `patch_tokens` their (len(sampled), patches, dim) patch vectors from the same pass
         of the vision tower (else None).
 
         The one path from a volume to per-slice embeddings: inference, the anatomy embeddings and
-        the stage-2 cache use it. `progress(done, total)` is called after each slice batch (slices
-        embedded so far, slices to embed); an exception it raises stops the work there (that is how
-        a caller cancels).
+        the stage-2 cache use it. Slices go through the tower in one fixed order (`embedding_order`):
+        for more than 2 x PROVISIONAL_SLICES slices, PROVISIONAL_SLICES evenly spaced ones first,
+        then the rest. `provisional(SliceEmbeddings)` (optional) is called once the first group is
+        embedded, with those slices alone (`prepared.sampled` is their subset): an early answer.
+        The final result is the same with or without it (the same batches run either way).
+        `progress(done, total)` is called after each slice batch (slices embedded so far, slices to
+        embed); an exception it raises stops the work there (that is how a caller cancels).
         """
         prepared = prepare_volume(volume, plane or self.plane, max_slices, self.preprocess)
         batch_size = _positive_int(batch_size, "batch size") or self.batch_size
-        total, parts, patches = len(prepared.sampled), [], []
-        for pixels in _prefetched(prepared.pixel_batches(batch_size)):
-            out = self.encode_pixels(pixels, patch_tokens)
-            parts.append(out[0] if patch_tokens else out)
-            if patch_tokens:
-                patches.append(out[1])
-            if progress is not None:
-                progress(sum(len(p) for p in parts), total)
-        return SliceEmbeddings(prepared, torch.cat(parts), torch.cat(patches) if patch_tokens else None)
+        total = len(prepared.sampled)
+        groups = embedding_order(total)
+        outputs, done = [], 0
+        for group in groups:
+            part = dataclasses.replace(prepared, sampled=prepared.sampled[group])
+            for pixels in _prefetched(part.pixel_batches(batch_size)):
+                out = self.encode_pixels(pixels, patch_tokens)
+                outputs.append(out if patch_tokens else (out, None))
+                done += len(pixels)
+                if progress is not None:
+                    progress(done, total)
+            if provisional is not None and len(groups) > 1 and group is groups[0]:
+                embeddings = torch.cat([o[0] for o in outputs])
+                provisional(SliceEmbeddings(part, embeddings,
+                                            torch.cat([o[1] for o in outputs]) if patch_tokens else None))
+        position = np.argsort(np.concatenate(groups), kind="stable")  # back to canonical order
+        embeddings = torch.cat([o[0] for o in outputs])[position]
+        patches = torch.cat([o[1] for o in outputs])[position] if patch_tokens else None
+        return SliceEmbeddings(prepared, embeddings, patches)
 
     def embed_volume_and_anatomies(self, source, labelmap, labels=None, plane=None, max_slices=None,
-                                   min_patches: float = 1.0, batch_size=None, progress=None):
+                                   min_patches: float = 1.0, batch_size=None, progress=None, provisional=None):
         """(VolumeEmbedding, AnatomyEmbeddings) from one pass of the vision tower over the slices:
         the CLS token gives the volume, the patch tokens the anatomies of `labelmap` (a LabelMap).
-        The volume embedding is remembered like `embed_volume`'s."""
+        The volume embedding is remembered like `embed_volume`'s. `provisional(VolumeEmbedding)`:
+        the volume's early answer, as in `embed_volume`."""
         plane = plane or self.plane
         volume = as_volume(source)
         check_volume_shape(volume)
-        slices = self.embed_slices(volume, plane, max_slices, batch_size, progress, patch_tokens=True)
+        slices = self.embed_slices(volume, plane, max_slices, batch_size, progress, patch_tokens=True,
+                                   provisional=self._provisional_volume(provisional))
         embedding = self._volume_embedding(slices)
         key = (_content_hash(volume), plane, _positive_int(max_slices, "max slices"))
         self._remember(self._volumes, key, embedding, VOLUME_CACHE_SIZE)
         anatomies = pool_anatomies(self, slices, volume, labelmap, labels, min_patches)
         return embedding, anatomies
-
-    def _embed_volume(self, volume: Volume, plane, max_slices, batch_size, progress) -> VolumeEmbedding:
-        return self._volume_embedding(self.embed_slices(volume, plane, max_slices, batch_size, progress))
 
     def _volume_embedding(self, slices) -> VolumeEmbedding:
         prepared, slices = slices.prepared, slices.embeddings
@@ -300,13 +333,13 @@ class RadCLIPModel:
             return {"prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine,
                                  "relevance": None} for r in ranked],
                     **dict.fromkeys(("slice_weights", "slice_axis", "plane", "most_attended_slice", "pooling")),
-                    "model": self.source}
+                    "model": self.source, "precision": self.precision}
         relevance = dict(zip(prompts, self.slice_relevance(embedding, prompts)))
         return {"prompts": [{"text": r.prompt, "probability": r.probability, "cosine": r.cosine,
                              "relevance": relevance[r.prompt].tolist()} for r in ranked],
                 "slice_weights": embedding.slice_weights.tolist(), "slice_axis": embedding.slice_axis,
                 "plane": embedding.plane, "most_attended_slice": embedding.most_attended_slice,
-                "pooling": embedding.pooling, "model": self.source}
+                "pooling": embedding.pooling, "model": self.source, "precision": self.precision}
 
     def slice_relevance(self, embedding: VolumeEmbedding, prompts) -> np.ndarray:
         """(len(prompts), input slices): where along the volume each prompt matches.
@@ -371,6 +404,16 @@ def _prefetched(batches, depth=2):
     finally:
         stop.set()
         worker.join()
+
+
+def embedding_order(n: int, first: int = PROVISIONAL_SLICES) -> list:
+    """The order in which `n` sampled slices go through the tower, as groups of positions: for
+    n > 2 * first, `first` evenly spaced positions (both ends included), then the others in order;
+    else one group. Every run uses it, so a run with an early answer computes the same batches."""
+    if n <= 2 * first:
+        return [np.arange(n)]
+    head = np.unique(np.linspace(0, n - 1, first).round().astype(np.int64))
+    return [head, np.setdiff1d(np.arange(n), head)]
 
 
 def _positive_int(value, name):

@@ -19,7 +19,10 @@ Ops (`OPS`):
 - `shutdown` (or end of input): -> `bye`, and the worker exits with status 0.
 
 Events (`EVENTS`): `progress` (with `stage`, one of `STAGES`, and `done`/`total` while slices are
-embedded); the final events `FINAL_EVENTS`, exactly one per request. An `error` has a one-line
+embedded); `provisional` (a `rank` of a volume with more than 32 slices to embed, at most once, before
+its result): `result` is the record below computed from the `slices` evenly spaced slices embedded
+first (of `total`), with no per-segment rankings; the final `result` replaces it and is the same as
+a run without it. The final events `FINAL_EVENTS`, exactly one per request. An `error` has a one-line
 `message` and a `code` (`ERROR_CODES`); `need_volume` means "send the voxels again".
 
 A `rank` request names its volume one of three ways:
@@ -34,7 +37,8 @@ A `labelmap` (same two forms, on the volume's grid, `ijk_to_ras` shared) with `s
 The `result` record (`RESULT_KEYS`) is the `rank --json` record: `prompts` best first, each
 `{"text", "probability", "cosine", "relevance"}` (relevance: one weight per input slice along
 `slice_axis`, summing to 1); `slice_weights` (the pooling's weights), `slice_axis`, `plane`,
-`pooling`, `most_attended_slice`, `model`; `embedded` (False when the embedding came from the
+`pooling`, `most_attended_slice`, `model`, `precision` (what the model runs in: fp32, bf16, fp16 or
+int8); `embedded` (False when the embedding came from the
 worker's cache); with a label map also `segments` ([{"segment", "prompts"}]) and
 `missing_segments` ({name: why}).
 """
@@ -57,9 +61,9 @@ OPS = (RANK, FINDINGS, CANCEL, UNLOAD, PING, SHUTDOWN)
 COMPUTE_OPS = (RANK, FINDINGS, UNLOAD)  # run one at a time, in order, on the worker's compute thread
 
 # events
-PROGRESS, RESULT, ERROR, CANCELLED, UNLOADED, PONG, BYE = (
-    "progress", "result", "error", "cancelled", "unloaded", "pong", "bye")
-EVENTS = (PROGRESS, RESULT, ERROR, CANCELLED, UNLOADED, PONG, BYE)
+PROGRESS, PROVISIONAL, RESULT, ERROR, CANCELLED, UNLOADED, PONG, BYE = (
+    "progress", "provisional", "result", "error", "cancelled", "unloaded", "pong", "bye")
+EVENTS = (PROGRESS, PROVISIONAL, RESULT, ERROR, CANCELLED, UNLOADED, PONG, BYE)
 FINAL_EVENTS = (RESULT, ERROR, CANCELLED, UNLOADED, PONG, BYE)  # one per request
 
 # progress stages, in order
@@ -71,7 +75,7 @@ STAGES = (LOADING_MODEL, EMBEDDING_SLICES, RANKING_PROMPTS, SCORING_FINDINGS)
 NEED_VOLUME, BAD_REQUEST, FAILED, WORKER_DIED = "need_volume", "bad_request", "failed", "worker_died"
 ERROR_CODES = (NEED_VOLUME, BAD_REQUEST, FAILED, WORKER_DIED)
 
-RESULT_KEYS = ("prompts", "slice_weights", "slice_axis", "plane", "most_attended_slice", "pooling", "model",
+RESULT_KEYS = ("prompts", "slice_weights", "slice_axis", "plane", "most_attended_slice", "pooling", "model", "precision",
                "embedded", "segments", "missing_segments")
 PLANES = ("auto", "axial", "coronal", "sagittal")
 # the bounds a request is held to (a prompt is at most 77 tokens anyway; a volume at most 2 GiB)

@@ -95,7 +95,13 @@ class WorkerSession:
     def rank_request(self, request: dict, emit: Callable[[dict], None], cancelled: Callable[[], bool]) -> dict:
         """The `rank` op: the `rank --json` record, plus per-segment rankings for a label map."""
         prompts = P.check_request(request)["prompts"]
-        model, emb, anatomies, _, embedded = self._embedded(request, emit, cancelled, lexicon=None)
+
+        def provisional(model, subset, total):  # the subset's ranking, sent before the rest is embedded
+            emit({"event": P.PROVISIONAL, "result": model.ranking_record(subset, prompts),
+                  "slices": len(subset.sampled_slices), "total": total})
+
+        model, emb, anatomies, _, embedded = self._embedded(request, emit, cancelled, lexicon=None,
+                                                            provisional=provisional)
         emit({"event": P.PROGRESS, "stage": P.RANKING_PROMPTS})
         record = model.ranking_record(emb, prompts, anatomies)
         record["embedded"] = embedded  # False: served from the embedding cache
@@ -116,9 +122,11 @@ class WorkerSession:
         record["embedded"] = embedded
         return record
 
-    def _embedded(self, request, emit, cancelled, lexicon):
+    def _embedded(self, request, emit, cancelled, lexicon, provisional=None):
         """(model, VolumeEmbedding, AnatomyEmbeddings or None, ({anatomy: segment names}, unknown segment
         names) of the lexicon's grouping, whether slices went through the tower).
+        `provisional(model, VolumeEmbedding of the first slices, slices to embed)` is called once those
+        are embedded (not for an embedding served from the cache).
         A volume known by key is not read again; with a label map, its anatomies (segments, or the
         lexicon's anatomies when `lexicon` is given) are remembered with the volume, so new prompts or
         findings on them cost only text-tower work."""
@@ -138,8 +146,12 @@ class WorkerSession:
         def progress(done, total):
             if cancelled():
                 raise Cancelled()
-            embedded.append(done)
+            embedded.append(total)
             emit({"event": P.PROGRESS, "stage": P.EMBEDDING_SLICES, "done": done, "total": total})
+
+        def early(subset):
+            if provisional is not None and not cancelled():
+                provisional(model, subset, embedded[-1])
 
         if cancelled():
             raise Cancelled()
@@ -155,10 +167,10 @@ class WorkerSession:
                 labels, groups = None, (segments, unknown)
             emb, anatomies = model.embed_volume_and_anatomies(
                 self.volume(request), labelmap, labels=labels, plane=plane, max_slices=max_slices,
-                min_patches=min_patches, batch_size=request.get("batch_size"), progress=progress)
+                min_patches=min_patches, batch_size=request.get("batch_size"), progress=progress, provisional=early)
         else:
             emb = model.embed_volume(self.volume(request), plane=plane, max_slices=max_slices,
-                                     batch_size=request.get("batch_size"), progress=progress)
+                                     batch_size=request.get("batch_size"), progress=progress, provisional=early)
         if remembered is not None:
             self._embeddings[remembered] = (emb, anatomies, groups)
             while len(self._embeddings) > VOLUMES_KEPT:

@@ -20,6 +20,10 @@ from RadCLIPCore import AdapterConfig, PreprocessConfig, RadCLIPModel, SlicePool
 from RadCLIPCore.encoders import bundled_tokenizer, new_clip_model  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `auto` on a CPU depends on the CPU (encoders.auto_cpu_precision): the suite pins fp32 so that it
+# checks the same numbers on every machine (subprocesses inherit it); int8, bf16 and the choice
+# itself have their own tests
+os.environ["RADCLIP_CPU_PRECISION"] = "fp32"
 
 
 def package_file(package, *parts) -> Path:

@@ -389,3 +389,33 @@ def _wait_for_stage(c, rid, stage):
             return
         time.sleep(0.05)
     raise AssertionError(f"request {rid} never reached '{stage}'")
+
+
+def test_a_provisional_ranking_comes_before_the_result_and_the_result_is_a_one_shot_run(client, radclip_dir,
+                                                                                        ct_array, model):
+    """67 slices: 16 evenly spaced ones first, their ranking sent as `provisional`, then the final
+    result: the same record as the library's one-shot run on the same voxels."""
+    from RadCLIPCore import Volume
+
+    array, matrix = ct_array
+    events = []
+    rid = client.send_rank(PROMPTS, array, matrix, volume_key="ct-prov", model=str(radclip_dir), batch_size=4)
+    final = client.wait(rid, on_event=events.append)
+    assert final["event"] == "result", final
+    kinds = [e["event"] for e in events]
+    assert kinds.count("provisional") == 1 and kinds.index("provisional") < kinds.index("result")
+    early = events[kinds.index("provisional")]
+    assert (early["slices"], early["total"]) == (16, 67)
+    assert all(len(p["relevance"]) == 67 for p in early["result"]["prompts"])
+    assert "segments" not in early["result"]
+    result = final["result"]
+    assert result["precision"] == early["result"]["precision"] == "fp32"  # auto, pinned by the suite
+    model.clear_cache()
+    one_shot = model.ranking_record(model.embed_volume(Volume.from_ijk_to_ras(array, matrix), batch_size=4), PROMPTS)
+    result.pop("embedded")
+    assert json.dumps(result, sort_keys=True) == json.dumps(one_shot, sort_keys=True)
+    # from the worker's cache: the answer at once, nothing provisional
+    events.clear()
+    final = client.wait(client.send_rank(["A cat"], None, matrix, volume_key="ct-prov", model=str(radclip_dir),
+                                         batch_size=4), on_event=events.append)
+    assert final["result"]["embedded"] is False and not [e for e in events if e["event"] == "provisional"]

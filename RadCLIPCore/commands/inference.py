@@ -31,8 +31,10 @@ def add_model_options(p):
                         "(default clip-vit-large-patch14)")
     p.add_argument("--offline", action="store_true", help="never download; use the Hugging Face cache only")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                   help="auto = bf16 on CUDA; on a CPU bf16 where it has bf16 instructions, else int8 (AVX2 or "
+                        "better), else fp32 ($RADCLIP_CPU_PRECISION pins it); int8 = the vision tower's Linear "
+                        "layers quantised (CPU only)")
     p.add_argument("--pooling", default=None, choices=["mean", "adapter"],
                    help="slice pooling (default: the model's adapter if it has one, else mean)")
     p.add_argument("--plane", default=None, choices=("auto",) + PLANES,
@@ -157,7 +159,7 @@ def rank_command(args) -> int:
     where = (f"{emb.plane} plane, {len(emb.slice_weights)} slices along input axis {emb.slice_axis} "
              f"({len(emb.sampled_slices)} embedded), {emb.pooling} pooling, most attended slice {emb.most_attended_slice}"
              if emb else "2D image")
-    print(f"{Path(args.image).name}: {where}; model {model.source}")
+    print(f"{Path(args.image).name}: {where}; model {model.source} ({model.precision} on {model.device.type})")
     print(f"{'rank':>4}  {'probability':>11}  {'cosine':>7}  prompt")
     for i, r in enumerate(ranked, 1):
         print(f"{i:>4}  {r['probability']:>11.4f}  {r['cosine']:>7.4f}  {r['text']}")
@@ -183,7 +185,7 @@ def _rank_segments(args, prompts) -> int:
     if args.json:
         print(json.dumps(record, allow_nan=False))
         return 0
-    print(f"{Path(args.image).name}: {len(record['segments'])} segments ranked; model {model.source}")
+    print(f"{Path(args.image).name}: {len(record['segments'])} segments ranked; model {model.source} ({model.precision} on {model.device.type})")
     for group in [{"segment": "(volume)", "prompts": record["prompts"]}] + record["segments"]:
         best = group["prompts"][0]
         print(f"{group['segment']:<28} {best['probability']:>7.4f}  {best['text']}")
@@ -260,7 +262,7 @@ def findings_command(args) -> int:
 def findings_table(record, name) -> str:
     """The findings record as a text table: one row per (anatomy, finding)."""
     points = record["operating_points"]
-    lines = [f"{name}: {len(record['findings'])} finding(s); model {record['model']}; operating points: "
+    lines = [f"{name}: {len(record['findings'])} finding(s); model {record['model']} ({record['precision']}); operating points: "
              + (points or "none (probabilities only, uncalibrated)"),
              f"{'anatomy':<22} {'finding':<28} {'P(present)':>10}  {'call':<8} {'threshold':>9}  sens/spec"]
     groups = [("(volume)", record["findings"])] + [(a["anatomy"], a["findings"]) for a in record["anatomies"]]
