@@ -322,7 +322,9 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif self._running is not None and event.get("id") == self._running.requestId:
                 if kind == P.PROGRESS:
                     self._showProgress(event)
-                else:
+                elif kind == P.PROVISIONAL:
+                    self._showProvisional(event)
+                elif kind in P.FINAL_EVENTS:
                     self._finish(event)
         if self._running is None and self._unloading is None:
             self._timer.stop()
@@ -337,6 +339,18 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = {P.LOADING_MODEL: _("Loading the model (a first use downloads it)…"),
                                     P.EMBEDDING_SLICES: _("Embedding slices…"),
                                     P.RANKING_PROMPTS: _("Ranking the prompts…")}.get(event.get("stage"), "")
+
+    def _showProvisional(self, event) -> None:
+        """The worker's early answer (a subset of the slices): shown, marked provisional, until the
+        result replaces it. The run goes on."""
+        if self._parameterNode is None or self._running is None or self._running.kind != "rank":
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to show the provisional ranking."), waitCursor=True):
+            self.ui.resultsTableView.clearSelection()
+            self.ui.statusLabel.text = self.logic.finishRanking(self._parameterNode, self._running, event["result"],
+                                                                provisional=(event.get("slices"), event.get("total")))
+            self.logic.showResults(self._parameterNode)
+            self._plotViewReady()
 
     def _finish(self, event) -> None:
         run, self._running = self._running, None
@@ -555,12 +569,18 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
                                            model=self.modelSource(p), device=p.device, offline=p.offline,
                                            plane=p.plane, max_slices=p.maxSlices)
 
-    def finishRanking(self, p, run, result) -> str:
+    def finishRanking(self, p, run, result, provisional=None) -> str:
         """Fill the parameter node's output nodes from a worker result, on the run's volume; returns a
-        one-line status (with what could not be shown, and why)."""
-        shown = self.mrmlLogic.finishRanking(run, result, p)
+        one-line status (with what could not be shown, and why). `provisional`: (slices embedded,
+        slices to embed) of an early answer, shown marked provisional."""
+        shown = self.mrmlLogic.finishRanking(run, result, p, provisional=provisional is not None)
         status = _("Best match: {prompt} ({probability:.0%}).").format(prompt=shown["best"]["text"],
                                                                        probability=shown["best"]["probability"])
+        if provisional is not None:
+            status = _("Provisional, from {slices} of {total} slices (refining…): ").format(
+                slices=provisional[0], total=provisional[1]) + status
+        elif result.get("precision"):
+            status += " " + _("Model in {precision}.").format(precision=result["precision"])
         status += " " + self._shownText(shown)
         if shown["segmentError"]:
             status += " " + _("Per segment: {why}.").format(why=shown["segmentError"])
@@ -588,6 +608,8 @@ class RadCLIPSlicerLogic(ScriptedLoadableModuleLogic):
         """Fill the findings table and show the first finding's evidence; returns a one-line status."""
         shown = self.mrmlLogic.finishFindings(run, result, p)
         status = _("{rows} finding(s) scored.").format(rows=shown["rows"])
+        if result.get("precision"):
+            status += " " + _("Model in {precision}.").format(precision=result["precision"])
         status += " " + (_("Operating points: {file}.").format(file=shown["thresholds"]) if shown["thresholds"]
                          else _("No operating points: probabilities only (uncalibrated)."))
         if shown["missing"]:

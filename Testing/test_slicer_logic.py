@@ -485,3 +485,39 @@ def test_findings_per_anatomy_from_a_slicer_segmentation_agree_with_the_library(
     assert outputs.relevanceVolume.GetAttribute("RadCLIP.prompt") == f"{table.GetCellText(lung_row, 1)} (lung)"
     with pytest.raises(RadCLIPError, match="findings"):
         logic.showPromptOf(outputs, "nodule")
+
+
+def test_a_provisional_ranking_is_shown_marked_and_the_result_replaces_it(scene, logic, radclip_dir, chest_ct):
+    """Through a real worker: the early answer (16 of 48 slices) fills the output nodes, marked
+    provisional, and empties an earlier run's segment table; the final result replaces it."""
+    import os
+
+    from RadCLIPSlicerLib.client import WorkerClient
+
+    ct = load(scene, chest_ct, "volume P")
+    outputs = Outputs()
+    outputs.segmentTable = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    logic.fillTable(outputs.segmentTable, [("liver", [{"text": "old", "probability": 1.0, "cosine": 0.5}])],
+                    segments=True)
+    client = WorkerClient(env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    events = []
+    try:
+        run = logic.startRanking(client, ct, PROMPTS[:3], model=str(radclip_dir), max_slices=48, device="cpu")
+        final = client.wait(run.requestId, timeout=300, on_event=events.append)
+    finally:
+        client.close()
+    early = [e for e in events if e["event"] == "provisional"]
+    assert len(early) == 1 and (early[0]["slices"], early[0]["total"]) == (16, 48)
+    shown = logic.finishRanking(run, early[0]["result"], outputs, provisional=True)
+    assert shown["provisional"] and outputs.outputTable.GetName() == "volume P prompts (provisional)"
+    assert outputs.relevanceVolume.GetAttribute("RadCLIP.provisional") == "true"
+    assert outputs.relevanceVolume.GetAttribute("RadCLIP.sourceVolumeID") == ct.GetID()
+    assert outputs.segmentTable.GetNumberOfRows() == 0  # not the earlier run's segments
+    assert {r[0] for r in table_rows(outputs.outputTable, 1)} == set(PROMPTS[:3])
+    relevance = outputs.relevanceVolume
+    shown = logic.finishRanking(run, final["result"], outputs)
+    assert not shown["provisional"] and outputs.relevanceVolume is relevance
+    assert outputs.outputTable.GetName() == "volume P prompts"
+    assert relevance.GetAttribute("RadCLIP.provisional") == "false"
+    assert [r[0] for r in table_rows(outputs.outputTable, 1)] == [p["text"] for p in final["result"]["prompts"]]
+    assert relevance.GetAttribute("RadCLIP.prompt") == final["result"]["prompts"][0]["text"]

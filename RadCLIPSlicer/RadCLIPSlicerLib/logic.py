@@ -240,21 +240,30 @@ class RadCLIPSlicerMRMLLogic:
         tableNode.SetLocked(True)
         return tableNode
 
-    def finishRanking(self, run: RankingRun, result: dict, outputs) -> dict:
+    def finishRanking(self, run: RankingRun, result: dict, outputs, provisional: bool = False) -> dict:
         """Show a worker `result` on the nodes of its `run`: `outputs` has the attributes
         outputTable, segmentTable, relevanceVolume, relevanceChart (None: created here; the panel
         passes its parameter node) and they are set to the nodes filled. The volume-level result is
         always shown; segments that could not be ranked are named in `missing`, and when none could,
         `segmentError` says why (the segment table is then emptied, never left from an earlier run).
-        Returns what is shown."""
+        `provisional`: the worker's early answer from a subset of the slices: shown the same way,
+        marked provisional (node names and the `RadCLIP.provisional` attribute) with the segment
+        table emptied; the final result replaces it. Returns what is shown."""
         volumeNode = run.volumeNode(self._scene(outputs, run))
         shown = self.showResults(volumeNode, result, outputs.outputTable, outputs.relevanceVolume,
                                  outputs.relevanceChart)
         outputs.outputTable, outputs.relevanceVolume, outputs.relevanceChart = (
             shown["table"], shown["relevance"], shown["chart"])
+        for node in (shown["table"], shown["relevance"], shown["chart"]):
+            node.SetAttribute("RadCLIP.provisional", "true" if provisional else "false")
+            if provisional:
+                node.SetName(f"{node.GetName()} (provisional)")
         self._results[shown["relevance"].GetID()] = (run, result)
-        shown.update(missing={}, segmentError=None, best=result["prompts"][0])
-        if run.segmentationNodeID is None:
+        shown.update(missing={}, segmentError=None, best=result["prompts"][0], provisional=provisional)
+        if provisional:
+            if outputs.segmentTable is not None:  # the final result fills it
+                self.fillTable(outputs.segmentTable, [])
+        elif run.segmentationNodeID is None:
             if outputs.segmentTable is not None:  # an earlier run's segments would describe another volume
                 self.fillTable(outputs.segmentTable, [])
         else:
