@@ -25,15 +25,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .preprocessing import ConfigError, check_int, check_number, check_section, shown
+from .settings import ADAPTER_DROPOUT, ADAPTER_HEADS, ADAPTER_POS_ANCHORS
 
 
 @dataclass
 class AdapterConfig:
     dim: int
     out_dim: int | None = None
-    num_heads: int = 8
-    pos_anchors: int = 32
-    dropout: float = 0.5
+    num_heads: int = ADAPTER_HEADS
+    pos_anchors: int = ADAPTER_POS_ANCHORS
+    dropout: float = ADAPTER_DROPOUT
 
     def __post_init__(self):
         # Checked here, for every way of making one (a model folder, training options), so a bad

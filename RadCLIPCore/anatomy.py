@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .choices import ANATOMY_POOLINGS
 from .errors import RadCLIPError
 from .labelmaps import LabelMap, align_labelmap
 from .volume_io import Volume
 from .preprocessing import PreparedVolume, canonicalize, mask_geometry
 
 
-POOLINGS = ("mean", "attention")
+POOLINGS = ANATOMY_POOLINGS
 
 
 class AnatomyHead(torch.nn.Module):

@@ -30,7 +30,7 @@ The command (`Training/pretrain_anatomy.py`, `python -m RadCLIPCore pretrain-ana
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,30 +43,12 @@ from .errors import RadCLIPError
 from .labelmaps import labels_on_grid, read_label_names, read_labelmap
 from .losses import anatomy_info_nce
 from .reports import anatomy_groups, anatomy_texts, read_findings, read_lexicon
-from .stages import (PolicyChoice, StageConfig, autocast, export_model, fill_by_rank, model_card, prepare_stage,
+from .settings import DEFAULT_SLICES_PER_ANATOMY, AnatomyStageConfig  # noqa: F401 (re-exported)
+from .stages import (autocast, export_model, fill_by_rank, model_card, prepare_stage,
                      rank_hooks, training_origin)
 from .towers import AnatomyEncoderTower, AnatomyTower, Temperature
 from .trainer import Trainer, TrainingHooks, setup_distributed, teardown_distributed, unwrap
 from .volume_io import read_image_info
-
-DEFAULT_SLICES_PER_ANATOMY = 4
-
-
-@dataclass(kw_only=True)
-class AnatomyStageConfig(StageConfig, PolicyChoice):
-    lexicon: str | Path  # JSON: label value -> names and synonyms, e.g. {"5": ["liver", "hepatic"]}
-    label_names: str | Path | None = None  # CSV (id,structure) naming the labels for the normal template
-    findings: str | Path | None = None  # JSON: label value -> finding words (disease-aware positives)
-    plane: str = "auto"
-    max_slices: int | None = None
-    min_patches: float = 1.0  # an anatomy counts on a slice when it covers at least this many patches
-    cache_dir: str | Path | None = None  # default <output>/embedding_cache
-    freeze_encoder: bool = False  # train only the per-anatomy projection on cached frozen features
-    anatomy_pooling: str | None = None  # mean | attention; None: attention end to end, the base model's frozen
-    slices_per_anatomy: int = DEFAULT_SLICES_PER_ANATOMY  # K: slices drawn per study and anatomy per step
-    train_text_layers: int = 0  # the last N layers of the text tower train (0: frozen)
-    grad_checkpointing: bool = False
-
 
 # --------------------------------------------------------------------------- checks
 def _resolve_pooling(config: AnatomyStageConfig, base_head) -> str:

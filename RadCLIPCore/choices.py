@@ -15,3 +15,5 @@ CT_WINDOWS = {
 POLICIES = ("zscore-volume", "zscore-slice", "ct-window", "percentile", "ct-window-or-percentile", "minmax-8bit")
 WINDOWED = ("ct-window", "ct-window-or-percentile")
 DEFAULT_WINDOWS = ("lung", "mediastinum", "bone")
+# the anatomy head's region pooling of patch tokens (anatomy.py)
+ANATOMY_POOLINGS = ("mean", "attention")

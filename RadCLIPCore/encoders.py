@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -248,8 +249,6 @@ def resolve_precision(precision, device: torch.device) -> str:
 def quantize_vision_int8(clip: CLIPModel) -> CLIPModel:
     """Dynamic int8 quantisation of the vision tower's Linear layers (weights int8 per tensor,
     activations quantised per batch); the projections and the text tower stay fp32. In place; CPU only."""
-    import warnings
-
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():  # torch marks its quantized tensor API deprecated: library noise

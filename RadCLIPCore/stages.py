@@ -38,100 +38,21 @@ from .losses import info_nce
 from .manifests import Manifest, Sample, read_manifest
 from .model import RadCLIPModel
 from .preprocessing import ConfigError, PreprocessConfig, option_named, with_policy
-from .presets import DEFAULT_MODEL
 from .towers import AdapterTower, ImageTower, Temperature
-from .trainer import (DistContext, TrainConfig, Trainer, TrainingHooks, default_workers, setup_distributed,
-                      teardown_distributed, unwrap)
+from .settings import (LOSSES, PackConfig, PairStageConfig, PolicyChoice, Stage1Config, Stage2Config,  # noqa: F401
+                       StageConfig, TrainConfig, default_workers)
+from .trainer import DistContext, Trainer, TrainingHooks, setup_distributed, teardown_distributed, unwrap
 
-LOSSES = ("calibrated", "infonce")
 log = logging.getLogger("RadCLIPCore")
 
 
-# --------------------------------------------------------------------------- settings
-@dataclass(kw_only=True)
-class StageConfig:
-    """What every training stage takes. The defaults are the commands' (see their --help); the
-    field names are the options' (`batch_size` is --batch-size), except `model_config` (--config)."""
-
-    train_manifest: str | Path  # CSV or JSONL of image,text[,split,label] rows (stage 1: or a shard folder)
-    output: str | Path  # checkpoints, logs and the final model/ folder
-    val_manifest: str | Path | None = None  # default: the 'split' column, else a seeded 10% of the rows
-    model: str | Path = DEFAULT_MODEL  # starting model (folder, .pth, hub id)
-    init_config: str | None = None  # instead: a randomly initialised bundled CLIP config (seeded by `seed`)
-    model_config: str | None = None  # architecture of a .pth `model` (bundled name or config.json)
-    offline: bool = False  # never download
-    epochs: int = TrainConfig.epochs
-    batch_size: int = TrainConfig.batch_size  # global, over all processes
-    lr: float = TrainConfig.lr  # start of the cosine annealing
-    weight_decay: float = TrainConfig.weight_decay  # AdamW (L2)
-    warmup_steps: int = TrainConfig.warmup_steps
-    patience: int = TrainConfig.patience  # early stopping: epochs without improvement
-    accum_steps: int = TrainConfig.accum_steps  # gradient accumulation (negatives per micro-batch)
-    loss: str = "calibrated"  # one of LOSSES
-    temperature: float = 0.07
-    learn_temperature: bool = False
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    seed: int = TrainConfig.seed
-    workers: int | None = None  # data-loader worker processes (None: trainer.default_workers(), from the cores)
-    max_steps: int | None = None  # stop after this many optimizer steps
-    resume: bool = False  # continue from <output>/checkpoints/last.pt
-
-    def train_config(self) -> TrainConfig:
-        """The Trainer's settings; RadCLIPError for settings no contrastive run can train with."""
-        if self.batch_size < 2:  # a batch of one has no other pair to contrast with: its loss is 0
-            raise RadCLIPError(f"--batch-size must be at least 2 for a contrastive loss, got {self.batch_size}")
-        if self.loss not in LOSSES:
-            raise RadCLIPError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                           warmup_steps=self.warmup_steps, patience=self.patience, accum_steps=self.accum_steps,
-                           seed=self.seed, num_workers=default_workers() if self.workers is None else self.workers,
-                           max_steps=self.max_steps)
-
-
-@dataclass(kw_only=True)
-class PairStageConfig(StageConfig):
-    """The stages that contrast image-text pairs (1 and 2)."""
-
-    # texts matching this regular expression (case-insensitive) form one positive group with the
-    # calibrated loss, e.g. 'no acute|normal'
-    normal_pattern: str | None = None
-
-
-@dataclass(kw_only=True)
-class PolicyChoice:
-    """The preprocessing a run trains or packs with, recorded in the exported model or the shards
-    (None: the starting model's): intensity.POLICIES, CT windows (names or (level, width) in HU),
-    the percentile window, letterbox or crop."""
-
-    intensity: str | None = None
-    windows: tuple | None = None
-    percentiles: tuple | None = None
-    geometry: str | None = None
-
-    def preprocessing(self, base: PreprocessConfig) -> PreprocessConfig:
-        """The starting model's preprocessing with the parts these options give replaced."""
-        try:
-            return with_policy(base, self.intensity, self.windows, self.percentiles, self.geometry)
-        except ConfigError as exc:  # named as the option that set it
-            raise RadCLIPError(option_named(exc)) from None
-
-
-@dataclass(kw_only=True)
-class Stage1Config(PairStageConfig, PolicyChoice):
-    grad_checkpointing: bool = False
-    vision_dropout: float = 0.0  # attention dropout in the vision tower (CLIP was pretrained without it)
-
-
-@dataclass(kw_only=True)
-class Stage2Config(PairStageConfig):
-    plane: str = "auto"
-    max_slices: int | None = None  # evenly spaced slices per volume in the cache
-    cache_dir: str | Path | None = None  # slice-embedding cache (default <output>/embedding_cache)
-    adapter_heads: int = AdapterConfig.num_heads
-    pos_anchors: int = AdapterConfig.pos_anchors
-    adapter_dropout: float = AdapterConfig.dropout
-    slice_subsample: float = 1.0  # augmentation: keep a random fraction in [this, 1] of each volume's slices
+def policy_preprocessing(choice: PolicyChoice, base: PreprocessConfig) -> PreprocessConfig:
+    """The starting model's preprocessing with the parts a PolicyChoice gives replaced; a bad value
+    is named as the option that set it."""
+    try:
+        return with_policy(base, choice.intensity, choice.windows, choice.percentiles, choice.geometry)
+    except ConfigError as exc:
+        raise RadCLIPError(option_named(exc)) from None
 
 
 # --------------------------------------------------------------------------- shared set-up
@@ -229,7 +150,7 @@ def load_base_model(config: StageConfig, ctx: DistContext) -> RadCLIPModel:
         model = load_model(config.model, device=ctx.device, precision="fp32",
                            offline=True if config.offline else None, config=config.model_config, pooling="mean")
     if isinstance(config, PolicyChoice):
-        model.preprocess = config.preprocessing(model.preprocess)
+        model.preprocess = policy_preprocessing(config, model.preprocess)
     return model
 
 
@@ -422,20 +343,6 @@ def run_stage1(config: Stage1Config, hooks: TrainingHooks | None = None) -> dict
 
 
 # --------------------------------------------------------------------------- shards
-@dataclass(kw_only=True)
-class PackConfig(PolicyChoice):
-    """`pack-shards`: a manifest preprocessed once for a model into shards that stage 1 streams."""
-
-    manifest: str | Path  # CSV or JSONL, as for --train-manifest
-    output: str | Path  # the shard folder (a packing interrupted there resumes)
-    model: str | Path = DEFAULT_MODEL  # the model the shards are for: its preprocessing is packed
-    init_config: str | None = None  # or a bundled CLIP config (its default preprocessing)
-    model_config: str | None = None
-    offline: bool = False
-    shard_size: int = 1000  # rows per shard (224 px: about 100 MB)
-    seed: int = 0  # the seeded validation share (rows without a split) and the packing order
-
-
 def run_pack_shards(config: PackConfig, hooks: TrainingHooks | None = None) -> dict:
     """Pack a manifest into shards (`shards.pack_shards`): its rows split as training would split
     them (the `split` column, else a seeded 10% for validation), every row read and preprocessed

@@ -38,6 +38,7 @@ from .encoders import resolve_device
 from .errors import RadCLIPError
 from .fileutil import atomic_path, atomic_write_text
 from .plotting import plot_loss_curves
+from .settings import TrainConfig, default_workers, max_workers  # noqa: F401 (re-exported)
 
 try:
     import resource  # peak memory; not on Windows
@@ -47,49 +48,8 @@ except ImportError:
 CHECKPOINT_VERSION = 2  # 2: checkpoints record their origin
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 32  # global batch, over all ranks
-    lr: float = 1e-4
-    weight_decay: float = 0.05  # AdamW's decoupled L2 weight decay
-    warmup_steps: int = 0
-    patience: int = 5  # epochs without a validation improvement before stopping
-    min_delta: float = 0.0
-    accum_steps: int = 1
-    seed: int = 0
-    num_workers: int = 0  # data-loader worker processes (not part of what a resume must match)
-    max_steps: int | None = None  # stop after this many optimizer steps (the schedule ends there)
-
-    def check(self):
-        for name in ("epochs", "batch_size", "accum_steps", "patience", "max_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise RadCLIPError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise RadCLIPError(f"workers must be 0 or more, got {self.num_workers}")
-        most = max_workers()
-        if self.num_workers > most:  # each is a forked process with its own copy of the dataset's state
-            raise RadCLIPError(f"--workers {self.num_workers} is more than this machine can run usefully "
-                               f"(at most {most}: 4 per core this process may use)")
-        if not self.lr > 0:
-            raise RadCLIPError(f"learning rate must be positive, got {self.lr}")
-
-
 def _ignore(*_):
     pass
-
-
-def default_workers() -> int:
-    """Data-loader worker processes per training process: the cores this process may use, shared
-    by the processes torchrun starts on this machine, less one for the training itself."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
-
-
-def max_workers() -> int:
-    """The most data-loader workers accepted: 4 per core this process may use."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 4 * max(1, cores)
 
 
 def peak_memory(device: torch.device) -> dict:

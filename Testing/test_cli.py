@@ -218,7 +218,15 @@ def test_every_training_default_has_one_home_the_config_dataclass():
                                   ["findings", "/no/such/ct.nii.gz", "--finding", "x"],
                                   ["embed", "/no/such/ct.nii.gz", "-o", "out.txt"],
                                   ["rank", "/no/such/ct.nii.gz", "--prompt", "x", "--plot", "where.txt"],
-                                  ["export-slices", "/no/such/ct.nii.gz", "OUT"]])
+                                  ["export-slices", "/no/such/ct.nii.gz", "OUT"],
+                                  ["pretrain-2d", "--help"], ["pretrain-adapter", "--help"],
+                                  ["pretrain-anatomy", "--help"], ["pretrain-2d", "--output", "OUT"],
+                                  ["pretrain-2d", "--train-manifest", "/no/such.csv", "--output", "OUT"],
+                                  ["pretrain-adapter", "--train-manifest", "/no/such.csv", "--output", "OUT",
+                                   "--lr", "fast"],
+                                  ["pretrain-anatomy", "--train-manifest", "/no/such.csv", "--output", "OUT",
+                                   "--lexicon", "/no/such.json"],
+                                  ["rank", "x", "--prompt", "y", "--precision", "int4"]])
 def test_help_usage_errors_and_input_checks_answer_before_torch_loads(argv, tmp_path):
     """They need no model: the answer comes before torch or transformers is imported (seconds of CPU)."""
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]

@@ -38,12 +38,13 @@ def export_command(args) -> int:
     from ..loading import model_preprocessing
     from ..manifests import write_manifest
     from ..slice_export import export_slices
-    from ..stages import PolicyChoice
+    from ..settings import PolicyChoice
+    from ..stages import policy_preprocessing
 
     kwargs = {"config": args.config, "offline": True if args.offline else None}
     config = model_preprocessing(args.model, **kwargs) if args.model else model_preprocessing(**kwargs)
-    config = PolicyChoice(intensity=args.intensity, windows=args.windows, percentiles=args.percentiles,
-                          geometry=args.geometry).preprocessing(config)
+    config = policy_preprocessing(PolicyChoice(intensity=args.intensity, windows=args.windows,
+                                               percentiles=args.percentiles, geometry=args.geometry), config)
     manifest = out / args.manifest
     planes = PLANES if args.plane == "all" else (args.plane,)
     rows = _earlier_rows(manifest)

@@ -12,13 +12,12 @@ import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import MISSING, fields
 
-from ..anatomy import POOLINGS as ANATOMY_POOLINGS
-from ..anatomy_stage import DEFAULT_SLICES_PER_ANATOMY, AnatomyStageConfig, run_anatomy_stage
+from ..choices import ANATOMY_POOLINGS, PLANES
+from ..errors import RadCLIPError
 from ..fileutil import check_output_dir_possible
-from ..choices import PLANES
 from ..presets import DEFAULT_MODEL
-from ..stages import LOSSES, Stage1Config, Stage2Config, run_stage1, run_stage2
-from ..trainer import TrainingHooks, default_workers
+from ..settings import (DEFAULT_SLICES_PER_ANATOMY, LOSSES, AnatomyStageConfig, Stage1Config, Stage2Config,
+                        default_workers)
 from .common import OneLineParser, add_preprocessing_options, guarded, positive_int, progress_bar
 
 STAGE1 = "RadCLIP stage 1: fine-tune CLIP's image encoder on 2D image-text pairs, text encoder frozen."
@@ -57,6 +56,8 @@ def console_hooks(epochs: int, progress: bool = True):
     """TrainingHooks that print the run's messages (where the manifest rows went, cache use) and,
     with `progress`, a line per epoch and a progress bar per pass over the batches (on stderr,
     hidden when it is not a terminal)."""
+    from ..trainer import TrainingHooks  # torch: imported once a run starts, not for --help
+
     hooks, bars = TrainingHooks(message=_say), _PassBars()
 
     def epoch_line(record):
@@ -74,6 +75,10 @@ def console_hooks(epochs: int, progress: bool = True):
 
 def _train(run, config_class, args) -> int:
     check_output_dir_possible(args.output, "--output folder")  # before the model loads or a row is read
+    for option in ("train_manifest", "val_manifest", "lexicon", "label_names", "findings"):
+        value = getattr(args, option, None)
+        if value is not None and not os.path.exists(value):  # before torch loads: a typo costs nothing
+            raise RadCLIPError(f"--{option.replace('_', '-')} '{value}' does not exist")
     config = config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
     with console_hooks(config.epochs, not args.no_progress) as hooks:
         summary = run(config, hooks)
@@ -175,11 +180,21 @@ def _anatomy_options(p):
     add_preprocessing_options(p, "the starting model's; recorded in the exported model")
 
 
+def _runner(module, name):
+    """The stage's run function, imported when the run starts (torch loads then, not for --help)."""
+    def run(config, hooks):
+        import importlib
+
+        return getattr(importlib.import_module(f"..{module}", __package__), name)(config, hooks)
+    return run
+
+
 # (program, description, its own options, run, config class, takes --normal-pattern)
 STAGES = {
-    "stage1": ("pretrain_2d.py", STAGE1, _stage1_options, run_stage1, Stage1Config, True),
-    "stage2": ("pretrain_adapter.py", STAGE2, _stage2_options, run_stage2, Stage2Config, True),
-    "anatomy": ("pretrain_anatomy.py", ANATOMY, _anatomy_options, run_anatomy_stage, AnatomyStageConfig, False),
+    "stage1": ("pretrain_2d.py", STAGE1, _stage1_options, _runner("stages", "run_stage1"), Stage1Config, True),
+    "stage2": ("pretrain_adapter.py", STAGE2, _stage2_options, _runner("stages", "run_stage2"), Stage2Config, True),
+    "anatomy": ("pretrain_anatomy.py", ANATOMY, _anatomy_options, _runner("anatomy_stage", "run_anatomy_stage"),
+                AnatomyStageConfig, False),
 }
 
 
