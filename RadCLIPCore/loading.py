@@ -25,7 +25,6 @@ import os
 import pickle
 import re
 import struct
-import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,18 +42,17 @@ from .fileutil import atomic_path, read_json
 from .findings import FindingTemplates
 from .model import RadCLIPModel
 from .preprocessing import PLANES, ConfigError, PreprocessConfig, check_int, check_number, clip_processor_config, shown
-from .presets import DEFAULT_MODEL, RADCLIP_FILE, RADCLIP_REPO, hub_cache_dir, resolve_preset
+from .hub import (HUB_ID, WEIGHT_FILES, Fetch, cached_snapshot, endpoint, first_line, hub_cache, looks_like_path,
+                  offline_mode)
+from .presets import DEFAULT_MODEL, RADCLIP_FILE, RADCLIP_REPO, resolve_preset
 
 log = logging.getLogger("RadCLIPCore")
 
 RADCLIP_CONFIG = "radclip_config.json"
 PROCESSOR_CONFIG = "preprocessor_config.json"
 FORMAT_VERSION = 1
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # what reading a damaged zip, pickle or index file raises (the parsers trip over whatever they meet)
 _DAMAGED = (EOFError, LookupError, OSError, RuntimeError, TypeError, AttributeError, ValueError, struct.error)
-HUB_PROBE_SECONDS = 5.0  # how long to wait for the hub endpoint before saying it cannot be reached
 
 
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, device="auto", precision="auto", *,
@@ -70,7 +68,7 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, device="auto", precisi
         raise RadCLIPError(f"unknown pooling '{pooling}': use mean or adapter")
     resolve_precision(precision, resolve_device(device))  # a bad choice fails before any weights are read
     source = resolve_preset(source)
-    offline = _offline(offline)
+    offline = offline_mode(offline)
     kwargs = dict(device=device, precision=precision, batch_size=batch_size)
     path = Path(os.path.expanduser(str(source)))
     if str(source) == f"{RADCLIP_REPO}/{RADCLIP_FILE}" and not path.exists():
@@ -82,9 +80,9 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, device="auto", precisi
         if (path / RADCLIP_CONFIG).exists():
             return _with_pooling(_load_radclip_dir(path, kwargs, pooling), pooling)
         return _with_pooling(_load_hf_dir(path, kwargs), pooling)
-    if _looks_like_path(str(source)):
+    if looks_like_path(str(source)):
         raise RadCLIPError(f"model not found: {source}")
-    if not _HUB_ID.match(str(source)):
+    if not HUB_ID.match(str(source)):
         raise RadCLIPError(f"model '{source}' is neither a local folder/file nor a Hugging Face id like 'org/name'")
     return _with_pooling(_load_hub(str(source), offline, cache_dir, kwargs), pooling)
 
@@ -105,26 +103,14 @@ def model_preprocessing(source: str | os.PathLike = DEFAULT_MODEL, *, config=Non
         return _processor_preprocessing(path / PROCESSOR_CONFIG, read_clip_config(path).vision_config.image_size)
     if path.is_file() or str(source) == f"{RADCLIP_REPO}/{RADCLIP_FILE}":
         return clip_processor_config(read_clip_config(config or "clip-vit-large-patch14").vision_config.image_size)
-    if _looks_like_path(str(source)) or not _HUB_ID.match(str(source)):
+    if looks_like_path(str(source)) or not HUB_ID.match(str(source)):
         raise RadCLIPError(f"model not found: {source}")
-    folder = _cached_snapshot(str(source), cache_dir)
+    folder = cached_snapshot(str(source), cache_dir)
     if folder is not None:  # what load_model reads: the cached folder, as it is (no download)
         return _processor_preprocessing(folder / PROCESSOR_CONFIG, read_clip_config(folder).vision_config.image_size)
-    size = read_clip_config(_hub_file(str(source), "config.json", _offline(offline), cache_dir)).vision_config.image_size
+    size = read_clip_config(_hub_file(str(source), "config.json", offline_mode(offline), cache_dir)).vision_config.image_size
     processor = _optional_hub_file(str(source), PROCESSOR_CONFIG, cache_dir)  # as _load_hub fetches it
     return _processor_preprocessing(processor, size)
-
-
-def _offline(offline):
-    if offline is not None:
-        return bool(offline)
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _looks_like_path(source: str) -> bool:
-    """A missing local path (to report as not found) rather than a hub id."""
-    return (source.startswith((".", "/", "~", "\\")) or source.count("/") > 1 or "\\" in source
-            or source.lower().endswith((".pth", ".pt", ".bin", ".safetensors", ".json")))
 
 
 def _with_pooling(model: RadCLIPModel, pooling):
@@ -156,7 +142,7 @@ def _processor_preprocessing(file: Path | None, image_size: int) -> PreprocessCo
 
 def _require_files(path: Path):
     missing = [] if (path / "config.json").exists() else ["config.json"]
-    if not any((path / f).exists() for f in _WEIGHT_FILES):
+    if not any((path / f).exists() for f in WEIGHT_FILES):
         missing.append("model.safetensors")
     if missing:
         raise RadCLIPError(f"model folder '{path}' is missing {', '.join(missing)} "
@@ -179,12 +165,12 @@ def _from_pretrained(name: str, config, where, **hub):
                                                output_loading_info=True, **hub)
     except SafetensorError as exc:
         raise RadCLIPError(f"cannot read the weights in '{where}': model.safetensors is corrupt or truncated "
-                           f"({_first_line(exc)}); copy or download it again") from None
+                           f"({first_line(exc)}); copy or download it again") from None
     except pickle.UnpicklingError as exc:  # pytorch_model.bin, read weights-only by transformers
         raise RadCLIPError(f"refusing to load the weights in '{where}': they are not a plain weights file "
                            f"({_unpickling_reason(exc)})") from None
     except _DAMAGED as exc:
-        detail = _first_line(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        detail = first_line(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {first_line(exc)}"
         fix = ("the download failed or its files are damaged; try again" if hub else
                "its files are damaged or incomplete; copy or download them again")
         raise RadCLIPError(f"cannot load the CLIP model in '{where}' ({detail}): {fix}") from None
@@ -201,7 +187,7 @@ def _tokenizer_for(path: Path, clip):
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
-            raise RadCLIPError(f"cannot load the tokenizer in '{path}': {_first_line(exc)}") from None
+            raise RadCLIPError(f"cannot load the tokenizer in '{path}': {first_line(exc)}") from None
     else:
         log.info("'%s' has no tokenizer files; using the bundled CLIP tokenizer", path)
         tokenizer = bundled_tokenizer()
@@ -226,17 +212,17 @@ def _check_eos(config, tokenizer, where):
 
 # --------------------------------------------------------------------------- source 2
 def _load_hub(repo: str, offline: bool, cache_dir, kwargs) -> RadCLIPModel:
-    folder = _cached_snapshot(repo, cache_dir)
+    folder = cached_snapshot(repo, cache_dir)
     if folder is not None:  # cached: loaded as a local folder, no network at all
         return _load_hf_dir(folder, kwargs, source=repo)
-    fetch = _Fetch(f"model '{repo}'", cache_dir, f"hf download {repo}", "pass a local model folder")
+    fetch = Fetch(f"model '{repo}'", cache_dir, f"hf download {repo}", "pass a local model folder")
     fetch.check_possible(offline)
     config = read_clip_config(fetch.download(repo, "config.json"))  # checked before the big download
     clip = _from_pretrained(repo, config, repo, cache_dir=cache_dir)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(repo, cache_dir=cache_dir)
     except (OSError, ValueError) as exc:
-        raise RadCLIPError(f"cannot load the tokenizer of '{repo}': {_first_line(exc)}") from None
+        raise RadCLIPError(f"cannot load the tokenizer of '{repo}': {first_line(exc)}") from None
     processor = _optional_hub_file(repo, PROCESSOR_CONFIG, cache_dir)
     return RadCLIPModel(clip, _fit_tokenizer(tokenizer, clip, repo), source=repo, **kwargs,
                         preprocess=_processor_preprocessing(processor, clip.config.vision_config.image_size))
@@ -248,11 +234,11 @@ def _optional_hub_file(repo, filename, cache_dir) -> Path | None:
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        return Path(hf_hub_download(repo, filename, cache_dir=_hub_cache(cache_dir)))
+        return Path(hf_hub_download(repo, filename, cache_dir=hub_cache(cache_dir)))
     except EntryNotFoundError:
         return None
     except OSError as exc:  # the hub's HTTP errors are OSErrors
-        raise RadCLIPError(f"cannot download '{filename}' of '{repo}': {_first_line(exc)}") from None
+        raise RadCLIPError(f"cannot download '{filename}' of '{repo}': {first_line(exc)}") from None
 
 
 def _hub_file(repo, filename, offline, cache_dir) -> Path:
@@ -261,92 +247,10 @@ def _hub_file(repo, filename, offline, cache_dir) -> Path:
     found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
     if isinstance(found, str):  # cached: no network at all
         return Path(found)
-    fetch = _Fetch(f"'{filename}' of '{repo}'", cache_dir, f"hf download {repo} {filename}",
-                   f"download it from {_endpoint()}/{repo} and pass its path")
+    fetch = Fetch(f"'{filename}' of '{repo}'", cache_dir, f"hf download {repo} {filename}",
+                   f"download it from {endpoint()}/{repo} and pass its path")
     fetch.check_possible(offline)
     return fetch.download(repo, filename)
-
-
-def _cached_snapshot(repo: str, cache_dir) -> Path | None:
-    """The repo's folder in the HF cache when it holds a config and weights, else None."""
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo, "config.json", cache_dir=cache_dir)
-    if not isinstance(found, str):  # None, or the marker for "known not to exist"
-        return None
-    folder = Path(found).parent
-    return folder if any((folder / f).exists() for f in _WEIGHT_FILES) else None
-
-
-def _hub_cache(cache_dir) -> str:
-    return hub_cache_dir(cache_dir)
-
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT.rstrip("/")  # HF_ENDPOINT, as huggingface_hub read it
-
-
-class _Fetch:
-    """Getting `what`, which is not in the HF cache, from the hub; every failure is one whole line
-    that says where the cache is and how to fill it on a machine with internet."""
-
-    def __init__(self, what, cache_dir, command, otherwise):
-        self.what, self.cache_dir, self.command, self.otherwise = what, cache_dir, command, otherwise
-
-    def error(self, why) -> RadCLIPError:
-        return RadCLIPError(f"{self.what} is not in the Hugging Face cache ({_hub_cache(self.cache_dir)}) and {why}; "
-                            f"on a machine with internet run `{self.command}` and copy that cache folder here "
-                            f"(or set HF_HOME), or {self.otherwise}")
-
-    def check_possible(self, offline):
-        """Refuse at once when nothing can be downloaded: offline mode, or a hub endpoint that does
-        not answer. Without the probe the hub client retries for ~30 s, a warning per retry."""
-        if offline:
-            raise self.error("downloads are off (offline mode)")
-        problem = _hub_unreachable()
-        if problem is not None:
-            raise self.error(f"the Hugging Face hub ({_endpoint()}) cannot be reached ({problem})")
-
-    def download(self, repo, filename) -> Path:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RemoteEntryNotFoundError
-
-        try:
-            return Path(hf_hub_download(repo, filename, cache_dir=self.cache_dir))
-        except GatedRepoError:
-            why = "the repository is gated: accept its terms on the hub, then log in with `hf auth login`"
-        except RepositoryNotFoundError:
-            why = "the hub has no such repository (a private one needs `hf auth login`)"
-        except RemoteEntryNotFoundError:
-            why = f"the repository has no file '{filename}'"
-        except Exception as exc:  # huggingface_hub raises many types (network, HTTP, cache, disk)
-            raise self.error(f"downloading it from {_endpoint()} failed ({_first_line(exc)})") from None
-        raise RadCLIPError(f"cannot download '{filename}' of '{repo}' from {_endpoint()}: {why}")
-
-
-def _hub_unreachable() -> str | None:
-    """Why the hub endpoint gives no answer, or None when it answers.
-
-    One HEAD request through huggingface_hub's own HTTP client (its proxies and certificates), in a
-    thread, so the wait is bounded by HUB_PROBE_SECONDS even where name resolution itself hangs.
-    """
-    from huggingface_hub.utils import get_session
-
-    endpoint, outcome = _endpoint(), []
-
-    def probe():
-        try:
-            status = get_session().head(endpoint, timeout=HUB_PROBE_SECONDS + 1, follow_redirects=False).status_code
-            outcome.append(None if status < 500 else f"it answered HTTP {status}")
-        except Exception as exc:  # no answer, whatever the reason (DNS, refused, TLS, proxy): say which
-            outcome.append(_first_line(exc))
-
-    worker = threading.Thread(target=probe, name="radclip-hub-probe", daemon=True)
-    worker.start()
-    worker.join(HUB_PROBE_SECONDS)
-    return outcome[0] if outcome else f"no answer within {HUB_PROBE_SECONDS:g} s"
 
 
 # --------------------------------------------------------------------------- source 3
@@ -473,7 +377,7 @@ def _load_weights(module: torch.nn.Module, file: Path, key: str):
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError) as exc:
-        raise RadCLIPError(f"cannot read '{file}': corrupt or truncated ({_first_line(exc)}); "
+        raise RadCLIPError(f"cannot read '{file}': corrupt or truncated ({first_line(exc)}); "
                            "copy the model folder again") from None
     problem = _mismatch({k: v.shape for k, v in module.state_dict().items()}, state)
     if problem:
@@ -599,7 +503,7 @@ def _read_weights(path: Path) -> dict:
         try:
             return _clean_state(load_file(str(path)))
         except (SafetensorError, OSError) as exc:
-            raise RadCLIPError(f"cannot read '{path}': corrupt or not safetensors ({_first_line(exc)})") from None
+            raise RadCLIPError(f"cannot read '{path}': corrupt or not safetensors ({first_line(exc)})") from None
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip, or (legacy) a pickle
         raise RadCLIPError(f"'{path}' is not a model file: pass a model folder, a .pth/.pt PyTorch state_dict "
                            "or a .safetensors file")
@@ -612,7 +516,7 @@ def _read_weights(path: Path) -> dict:
                            f"({_unpickling_reason(exc)}); only weights-only checkpoints are loaded") from None
     except _DAMAGED as exc:
         raise RadCLIPError(f"cannot read '{path}': corrupt, truncated or not a PyTorch file "
-                           f"({_first_line(exc)})") from None
+                           f"({first_line(exc)})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -634,9 +538,4 @@ def _clean_state(obj: dict) -> dict:
 def _unpickling_reason(exc) -> str:
     """torch's weights-only refusal is a paragraph; the line naming the refused object or opcode says it."""
     lines = [line.strip() for line in str(exc).splitlines()]
-    return next((line.rstrip(".") for line in lines if "unsupported" in line.lower()), _first_line(exc))
-
-
-def _first_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return next((line.rstrip(".") for line in lines if "unsupported" in line.lower()), first_line(exc))

@@ -226,7 +226,10 @@ def test_every_training_default_has_one_home_the_config_dataclass():
                                    "--lr", "fast"],
                                   ["pretrain-anatomy", "--train-manifest", "/no/such.csv", "--output", "OUT",
                                    "--lexicon", "/no/such.json"],
-                                  ["rank", "x", "--prompt", "y", "--precision", "int4"]])
+                                  ["rank", "x", "--prompt", "y", "--precision", "int4"],
+                                  # air-gapped, the model not in the cache: said before torch loads
+                                  ["rank", "README.md", "--prompt", "x", "--offline", "--model", "someorg/never-cached"],
+                                  ["findings", "README.md", "--finding", "x", "--offline", "--model", "radclip"]])
 def test_help_usage_errors_and_input_checks_answer_before_torch_loads(argv, tmp_path):
     """They need no model: the answer comes before torch or transformers is imported (seconds of CPU)."""
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]

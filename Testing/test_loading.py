@@ -412,9 +412,9 @@ def silent_endpoint(monkeypatch):
 def test_hub_probe_is_bounded_when_the_endpoint_never_answers(tmp_path, monkeypatch, silent_endpoint):
     import time
 
-    from RadCLIPCore import loading
+    from RadCLIPCore import hub
 
-    monkeypatch.setattr(loading, "HUB_PROBE_SECONDS", 0.5)
+    monkeypatch.setattr(hub, "HUB_PROBE_SECONDS", 0.5)
     start = time.monotonic()
     for source in ("someorg/not-cached", "radclip"):
         with pytest.raises(RadCLIPError) as e:

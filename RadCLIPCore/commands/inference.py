@@ -106,6 +106,7 @@ def read_prompts(args) -> list[str]:
 def _embed(args):
     """Read the input, load the model, embed. Returns (model, volume, VolumeEmbedding or None, vector)."""
     path = check_readable(args.image)
+    _obtainable(args)
     from ..preprocessing import check_volume_shape
 
     volume = read_volume(path)  # read and check before loading the model: bad files fail fast
@@ -172,6 +173,7 @@ def _rank_segments(args, prompts) -> int:
     """`rank --segmentation`: the volume's ranking and one per segment, from one pass of the tower
     (the record the worker sends)."""
     path = check_readable(args.image)
+    _obtainable(args)
     from ..preprocessing import check_volume_shape
 
     volume = read_volume(path)
@@ -194,6 +196,13 @@ def _rank_segments(args, prompts) -> int:
     return 0
 
 
+def _obtainable(args):
+    """An air-gapped machine without the model learns it before torch and transformers load."""
+    from ..hub import check_obtainable
+
+    check_obtainable(args.model or DEFAULT_MODEL, offline=True if args.offline else None)
+
+
 def _load(args):
     from ..loading import load_model
 
@@ -204,6 +213,7 @@ def _load(args):
 
 def findings_command(args) -> int:
     check_readable(args.image)  # before the library loads: a missing file answers at once
+    _obtainable(args)
     from ..findings import (OperatingPoints, anatomy_labelmap, check_findings, findings_record, model_templates,
                             model_thresholds, read_findings_file, read_templates)
     from ..preprocessing import check_volume_shape
