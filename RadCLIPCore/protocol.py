@@ -15,7 +15,7 @@ Ops (`OPS`):
   reads; default: the model folder's operating_points.json).
 - `cancel`: stop running or queued request `id` within one slice batch; it then answers `cancelled`.
 - `unload`: free models and caches (RAM and GPU) -> `unloaded`.
-- `ping`: -> `pong` with the worker's versions and devices.
+- `ping`: -> `pong` with the worker's versions, devices and `cpu_precision` (what `auto` runs on its CPU).
 - `shutdown` (or end of input): -> `bye`, and the worker exits with status 0.
 
 Events (`EVENTS`): `progress` (with `stage`, one of `STAGES`, and `done`/`total` while slices are

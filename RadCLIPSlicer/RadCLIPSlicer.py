@@ -314,7 +314,7 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for event in self.logic.poll([i for i in ids if i is not None]):
             kind = event.get("event")
             if kind == P.PONG:
-                self._setDevices(event.get("devices", []))
+                self._setDevices(event.get("devices", []), event.get("cpu_precision"))
             elif event.get("id") == self._unloading and kind in P.FINAL_EVENTS:
                 self._unloading = None
                 self.ui.statusLabel.text = (_("Model unloaded: its memory is free again.") if kind == P.UNLOADED
@@ -374,7 +374,10 @@ class RadCLIPSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updateGui()
 
-    def _setDevices(self, devices) -> None:
+    def _setDevices(self, devices, cpuPrecision=None) -> None:
+        if cpuPrecision:
+            self.ui.deviceComboBox.toolTip = _("On the CPU this worker runs the model in {precision} "
+                                               "(chosen for this CPU); on a GPU in bf16.").format(precision=cpuPrecision)
         current = self.ui.deviceComboBox.currentText
         wasBlocked = self.ui.deviceComboBox.blockSignals(True)  # refilling must not rewrite the parameter
         self.ui.deviceComboBox.clear()

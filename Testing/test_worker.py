@@ -102,6 +102,7 @@ def test_a_bad_volume_is_an_error_event_and_the_worker_lives(client, radclip_dir
     client._send({"garbage": True})
     pong = client.wait(client.request("ping"))
     assert pong["event"] == "pong" and client.pid == pid  # the same process answered throughout
+    assert pong["cpu_precision"] == "fp32"  # what auto means on this CPU (pinned by the suite)
 
 
 def test_cancel_mid_volume_returns_within_one_batch(client, base_model_dir, ct_array):

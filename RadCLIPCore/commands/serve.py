@@ -60,12 +60,14 @@ def _one_line(exc: BaseException) -> str:
 def ping_info() -> dict:
     import torch
 
+    from ..encoders import auto_cpu_precision
+
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         devices.append("mps")
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "devices": devices, "gpus": gpus,
-            "pid": os.getpid()}
+            "pid": os.getpid(), "cpu_precision": auto_cpu_precision()}
 
 
 def serve(stdin=None, stdout=None) -> int:
