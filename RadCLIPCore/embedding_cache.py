@@ -56,13 +56,14 @@ def content_key(fingerprint: str, path: Path) -> str:
 
 
 class SliceEmbeddingCache:
-    """On-disk float16 per-slice embeddings, keyed by file content + encoder weights + preprocessing."""
+    """On-disk float16 per-slice embeddings, keyed by file content + encoder weights + preprocessing
+    + the precision the encoder runs in."""
 
     def __init__(self, root, model, plane, max_slices):
         self.root = Path(root)
         self.model, self.plane, self.max_slices = model, plane, max_slices
         h = hash_weights(hashlib.blake2b(digest_size=16), model.clip.vision_model, model.clip.visual_projection)
-        h.update(repr((model.preprocess.to_dict(), plane, max_slices)).encode())
+        h.update(repr((model.preprocess.to_dict(), plane, max_slices, model.precision)).encode())
         self.fingerprint = h.hexdigest()
         self.computed = self.reused = 0
 

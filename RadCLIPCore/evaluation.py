@@ -29,6 +29,7 @@ from .findings import (GLOBAL, FindingTemplates, OperatingPoints, model_fingerpr
 from .fileutil import atomic_write_text, check_output_dir
 from .volume_io import read_volume
 from .labelmaps import read_label_names, read_labelmap
+from .encoders import resolve_device
 from .loading import load_model
 from .manifests import read_manifest
 from .metrics import auc_with_ci, bootstrap_macro_auc, linear_probe, matching_top1, require_sklearn, retrieval_recall
@@ -172,6 +173,11 @@ class EvaluationConfig:
     device: str = "auto"
     offline: bool = False
 
+    def precision(self) -> str:
+        """A measurement runs in the reference precision: fp32 on a CPU (never the CPU's faster
+        `auto` choice), bf16 on CUDA as everywhere."""
+        return "fp32" if resolve_device(self.device).type == "cpu" else "auto"
+
     def check(self):
         for name, value in (("folds", self.folds), ("bootstrap", self.bootstrap)):
             if value < 2:
@@ -200,7 +206,8 @@ def run_evaluation(config: EvaluationConfig, report: Callable[[str], None] = log
                            "evaluation compares classes: give rows with at least two labels or texts")
     rows, details = [], {}
     for name, src in config.models:
-        model = load_model(src, device=config.device, offline=True if config.offline else None, config=config.config)
+        model = load_model(src, device=config.device, precision=config.precision(),
+                           offline=True if config.offline else None, config=config.config)
         cache = SliceEmbeddingCache(config.cache_dir or out_dir / "embedding_cache", model, model.plane, None)
         feats = extract_features(model, samples, cache)
         candidates = list(config.candidates or sorted(set(feats.texts)))
@@ -257,7 +264,8 @@ def _run_anatomy(config, samples, out_dir, report) -> dict:
     studies = [(read_volume(s.image), read_labelmap(s.mask, names), s.text) for s in samples]
     rows, details = [], {}
     for name, src in config.models:
-        model = load_model(src, device=config.device, offline=True if config.offline else None, config=config.config)
+        model = load_model(src, device=config.device, precision=config.precision(),
+                           offline=True if config.offline else None, config=config.config)
         templates = read_templates(config.finding_templates) if config.finding_templates else model_templates(model)
         out = anatomy_zero_shot(model, studies, lexicon, findings, names, templates=templates,
                                 min_patches=config.min_patches, n_boot=config.bootstrap, seed=config.seed)

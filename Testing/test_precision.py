@@ -111,3 +111,16 @@ def test_a_provisional_answer_comes_first_and_changes_nothing(radclip_dir, chest
     model.clear_cache()
     model.embed_volume(chest_ct, max_slices=2 * PROVISIONAL_SLICES, provisional=small.append)
     assert small == []  # too few slices for an early answer to be worth it
+
+
+@pytest.mark.skipif(not cpu_capabilities()["int8_kernels"], reason="this torch has no x86 int8 kernels")
+def test_evaluation_measures_in_fp32_on_a_cpu_and_caches_keep_precisions_apart(radclip_dir, tmp_path, monkeypatch):
+    from RadCLIPCore.embedding_cache import SliceEmbeddingCache
+    from RadCLIPCore.evaluation import EvaluationConfig
+
+    monkeypatch.setenv(CPU_PRECISION_ENV, "int8")  # the CPU's auto would be int8
+    config = EvaluationConfig(manifest=tmp_path / "m.csv", output=tmp_path / "out", device="cpu")
+    assert config.precision() == "fp32"
+    keys = {p: SliceEmbeddingCache(tmp_path, load_model(radclip_dir, device="cpu", precision=p), "auto", None).fingerprint
+            for p in ("fp32", "int8")}
+    assert keys["fp32"] != keys["int8"]  # the same weights until int8 quantises at the first image
