@@ -61,6 +61,7 @@ def test_embed_writes_npz_and_json(radclip_dir, chest_ct, ct_small, tmp_path, ca
     data = np.load(tmp_path / "e.npz")
     assert data["embedding"].shape == (64,) and data["slice_weights"].shape == (133,)
     assert int(data["slice_axis"]) == 0 and str(data["plane"]) == "axial"
+    assert str(data["precision"]) == "fp32"  # what ran: auto, pinned by the suite
     assert main(["embed", str(ct_small), "--model", str(radclip_dir), "-o", str(tmp_path / "img.json")]) == 0
     img = json.loads((tmp_path / "img.json").read_text())
     assert len(img["embedding"]) == 64 and "slice_weights" not in img

@@ -296,7 +296,7 @@ def embed_command(args) -> int:
         raise RadCLIPError(f"output must end in .npz or .json, got '{out.name}'")
     check_output_file(out)  # before the embedding, not after it
     model, _, emb, vec = _embed(args)
-    record = {"embedding": vec, "model": model.source}
+    record = {"embedding": vec, "model": model.source, "precision": model.precision}
     if emb is not None:
         record.update(slice_weights=emb.slice_weights, slice_axis=emb.slice_axis, plane=emb.plane,
                       sampled_slices=emb.sampled_slices, slice_embeddings=emb.slice_embeddings, pooling=emb.pooling)
