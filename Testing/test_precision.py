@@ -22,7 +22,9 @@ def test_auto_follows_what_the_cpu_runs_natively(monkeypatch):
     monkeypatch.delenv(CPU_PRECISION_ENV, raising=False)
     assert auto_cpu_precision(dict(NONE, avx2=True, int8_kernels=True)) == "int8"
     assert auto_cpu_precision(dict(NONE, avx512=True, vnni=True, int8_kernels=True)) == "int8"
-    assert auto_cpu_precision(dict(NONE, avx512=True, avx512_bf16=True, int8_kernels=True)) == "bf16"
+    # measured: int8 4.2x and bf16 1.8x fp32 with AVX512-BF16 and VNNI; bf16 4-5x with AMX
+    assert auto_cpu_precision(dict(NONE, avx512=True, avx512_bf16=True, vnni=True, int8_kernels=True)) == "int8"
+    assert auto_cpu_precision(dict(NONE, avx512=True, avx512_bf16=True)) == "bf16"  # no int8 kernels
     assert auto_cpu_precision(dict(NONE, amx=True, avx2=True, int8_kernels=True)) == "bf16"
     assert auto_cpu_precision(dict(NONE, avx2=True)) == "fp32"  # no int8 kernels in this torch
     assert auto_cpu_precision(dict(NONE)) == "fp32"  # e.g. an old CPU

@@ -32,9 +32,9 @@ def add_model_options(p):
     p.add_argument("--offline", action="store_true", help="never download; use the Hugging Face cache only")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
-                   help="auto = bf16 on CUDA; on a CPU bf16 where it has bf16 instructions, else int8 (AVX2 or "
-                        "better), else fp32 ($RADCLIP_CPU_PRECISION pins it); int8 = the vision tower's Linear "
-                        "layers quantised (CPU only)")
+                   help="auto = bf16 on CUDA; on a CPU bf16 with AMX, else int8 (AVX2 or better), else bf16 with "
+                        "AVX512-BF16, else fp32 ($RADCLIP_CPU_PRECISION pins it); int8 = the vision tower's "
+                        "Linear layers quantised (CPU only)")
     p.add_argument("--pooling", default=None, choices=["mean", "adapter"],
                    help="slice pooling (default: the model's adapter if it has one, else mean)")
     p.add_argument("--plane", default=None, choices=("auto",) + PLANES,
