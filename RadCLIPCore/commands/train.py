@@ -75,10 +75,12 @@ def console_hooks(epochs: int, progress: bool = True):
 
 def _train(run, config_class, args) -> int:
     check_output_dir_possible(args.output, "--output folder")  # before the model loads or a row is read
-    for option in ("train_manifest", "val_manifest", "lexicon", "label_names", "findings"):
+    # before torch loads, a typo costs nothing; said as the library says it
+    for option, what in (("train_manifest", "manifest"), ("val_manifest", "manifest"), ("lexicon", "lexicon"),
+                         ("label_names", "label names"), ("findings", "findings file")):
         value = getattr(args, option, None)
-        if value is not None and not os.path.exists(value):  # before torch loads: a typo costs nothing
-            raise RadCLIPError(f"--{option.replace('_', '-')} '{value}' does not exist")
+        if value is not None and not os.path.exists(value):
+            raise RadCLIPError(f"{what} not found: {value}")
     config = config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
     with console_hooks(config.epochs, not args.no_progress) as hooks:
         summary = run(config, hooks)
