@@ -37,10 +37,9 @@ def check_obtainable(source, offline=None, cache_dir=None):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(RADCLIP_REPO, RADCLIP_FILE, cache_dir=cache_dir), str):
-            Fetch(f"'{RADCLIP_FILE}' of '{RADCLIP_REPO}'", cache_dir, f"hf download {RADCLIP_REPO} {RADCLIP_FILE}",
-                  f"download it from {endpoint()}/{RADCLIP_REPO} and pass its path").check_possible(offline)
+            Fetch.file(RADCLIP_REPO, RADCLIP_FILE, cache_dir).check_possible(offline)
     elif not looks_like_path(source) and HUB_ID.match(source) and cached_snapshot(source, cache_dir) is None:
-        Fetch(f"model '{source}'", cache_dir, f"hf download {source}", "pass a local model folder").check_possible(offline)
+        Fetch.model(source, cache_dir).check_possible(offline)
 
 
 def looks_like_path(source: str) -> bool:
@@ -76,6 +75,17 @@ class Fetch:
 
     def __init__(self, what, cache_dir, command, otherwise):
         self.what, self.cache_dir, self.command, self.otherwise = what, cache_dir, command, otherwise
+
+    @classmethod
+    def model(cls, repo, cache_dir) -> "Fetch":
+        """A whole model repository."""
+        return cls(f"model '{repo}'", cache_dir, f"hf download {repo}", "pass a local model folder")
+
+    @classmethod
+    def file(cls, repo, filename, cache_dir) -> "Fetch":
+        """One file of a repository."""
+        return cls(f"'{filename}' of '{repo}'", cache_dir, f"hf download {repo} {filename}",
+                   f"download it from {endpoint()}/{repo} and pass its path")
 
     def error(self, why) -> RadCLIPError:
         return RadCLIPError(f"{self.what} is not in the Hugging Face cache ({hub_cache(self.cache_dir)}) and {why}; "

@@ -42,7 +42,7 @@ from .fileutil import atomic_path, read_json
 from .findings import FindingTemplates
 from .model import RadCLIPModel
 from .preprocessing import PLANES, ConfigError, PreprocessConfig, check_int, check_number, clip_processor_config, shown
-from .hub import (HUB_ID, WEIGHT_FILES, Fetch, cached_snapshot, endpoint, first_line, hub_cache, looks_like_path,
+from .hub import (HUB_ID, WEIGHT_FILES, Fetch, cached_snapshot, first_line, hub_cache, looks_like_path,
                   offline_mode)
 from .presets import DEFAULT_MODEL, RADCLIP_FILE, RADCLIP_REPO, resolve_preset
 
@@ -215,7 +215,7 @@ def _load_hub(repo: str, offline: bool, cache_dir, kwargs) -> RadCLIPModel:
     folder = cached_snapshot(repo, cache_dir)
     if folder is not None:  # cached: loaded as a local folder, no network at all
         return _load_hf_dir(folder, kwargs, source=repo)
-    fetch = Fetch(f"model '{repo}'", cache_dir, f"hf download {repo}", "pass a local model folder")
+    fetch = Fetch.model(repo, cache_dir)
     fetch.check_possible(offline)
     config = read_clip_config(fetch.download(repo, "config.json"))  # checked before the big download
     clip = _from_pretrained(repo, config, repo, cache_dir=cache_dir)
@@ -247,8 +247,7 @@ def _hub_file(repo, filename, offline, cache_dir) -> Path:
     found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
     if isinstance(found, str):  # cached: no network at all
         return Path(found)
-    fetch = Fetch(f"'{filename}' of '{repo}'", cache_dir, f"hf download {repo} {filename}",
-                   f"download it from {endpoint()}/{repo} and pass its path")
+    fetch = Fetch.file(repo, filename, cache_dir)
     fetch.check_possible(offline)
     return fetch.download(repo, filename)
 
