@@ -122,13 +122,26 @@ def anatomy_groups(texts: dict, normal: dict, findings: dict | None) -> dict:
     """{label: positive-group key} of one study's anatomy texts (`anatomy_texts`) for the anatomy
     loss: normal texts share one group per anatomy; with a findings vocabulary ({label: [words]}),
     abnormal texts of an anatomy that assert the same non-empty set of its findings share a group
-    (fVLM's "similarly diseased": paraphrases of one finding are not pushed apart); any other text
-    is its own group (identical texts share it)."""
+    (fVLM's "similarly diseased": paraphrases of one finding are not pushed apart), and a text whose
+    every sentence names one of the anatomy's findings only to negate it ("No lesion in the liver.")
+    is a normal finding: it joins the anatomy's normal group (fVLM's normal-finding false negatives);
+    any other text is its own group (identical texts share it)."""
     groups = {}
     for label, text in texts.items():
         if normal[label]:
             groups[label] = ("normal", label)
             continue
-        asserted = asserted_findings(split_sentences(text), findings.get(label, ())) if findings else frozenset()
-        groups[label] = ("findings", label, tuple(sorted(asserted))) if asserted else ("text", label, text)
+        words = findings.get(label, ()) if findings else ()
+        sentences = split_sentences(text)
+        asserted = asserted_findings(sentences, words)
+        if asserted:
+            groups[label] = ("findings", label, tuple(sorted(asserted)))
+        elif words and all(_names_any(s, words) for s in sentences):
+            groups[label] = ("normal", label)  # only pertinent negatives of its findings
+        else:
+            groups[label] = ("text", label, text)
     return groups
+
+
+def _names_any(sentence: str, words) -> bool:
+    return any(re.search(r"\b" + re.escape(w) + r"\b", sentence, re.IGNORECASE) for w in words)

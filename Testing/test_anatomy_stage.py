@@ -100,7 +100,12 @@ def test_paraphrases_of_one_finding_are_positives_and_negations_are_not():
     a, b = groups("Lesion in the liver."), groups("The liver shows a small lesion.")
     assert a[5] == b[5] == ("findings", 5, ("lesion",))
     assert groups("No nodule in the right lower lobe.")[14] != groups("Nodule in the right lower lobe.")[14]
-    assert groups("Right lower lobe without nodule.")[14][0] == "text"  # asserts nothing: its own group
+    # a pertinent negative of the vocabulary is a normal finding: the anatomy's normal group
+    assert groups("Right lower lobe without nodule.")[14] == groups("No nodule in the right lower lobe.")[14] \
+        == groups("Normal study.")[14] == ("normal", 14)
+    # ... but not when the text says something else as well, or negates a word outside the vocabulary
+    assert groups("No nodule in the right lower lobe. Right lower lobe atelectasis.")[14][0] == "text"
+    assert groups("No effusion in the right lower lobe.")[14][0] == "text"
     assert groups("Lesion in the liver.")[14] == groups("Normal study.")[14] == ("normal", 14)
     assert finding_truth("No nodule in the right lower lobe.", lexicon, findings)[(14, "nodule")] == 0
     # without a findings vocabulary, paraphrases stay apart (each text its own group)
